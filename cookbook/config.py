@@ -108,6 +108,13 @@ class WandBConfig:
     entity: Optional[str] = None
     project: Optional[str] = None
     run_name: Optional[str] = None
+    # Not in the spec: online | offline | null (auto: disabled without a project, online with WANDB_API_KEY,
+    # else offline). The `wandb=offline` option needs a way to say "offline even with a key".
+    mode: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(self.mode in (None, "online", "offline", "disabled"), "wandb.mode", f"'{self.mode}' is not a mode.",
+                 "use online, offline, disabled or null.")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -176,6 +183,15 @@ class RecipeConfig:
         """Whether client-side losses must return a raw sum: true exactly when the server normalizes."""
         return self.normalization is not None
 
+    # What the launcher must provision for this recipe (read by the launchers and by dry runs).
+    @property
+    def needs_reference(self) -> bool:
+        return False
+
+    @property
+    def needs_deployment(self) -> bool:
+        return False
+
 
 @dataclass
 class SFTConfig(RecipeConfig):
@@ -226,6 +242,14 @@ class GRPOConfig(RecipeConfig):
         _require(":" in self.reward_fn, "recipe.reward_fn", f"'{self.reward_fn}' is not an import path.",
                  "write it as module:function, e.g. cookbook.rewards:exact_match.")
 
+    @property
+    def needs_reference(self) -> bool:
+        return self.kl_beta > 0
+
+    @property
+    def needs_deployment(self) -> bool:
+        return True
+
 
 @dataclass
 class DPOConfig(RecipeConfig):
@@ -241,6 +265,10 @@ class DPOConfig(RecipeConfig):
         super().__post_init__()
         _require(0 < self.beta < 0.5, "recipe.beta", f"got {self.beta}; DPO's beta must lie in (0, 0.5).",
                  "use a value such as 0.1.")
+
+    @property
+    def needs_reference(self) -> bool:
+        return True
 
 
 @dataclass

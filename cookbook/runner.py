@@ -1,0 +1,103 @@
+"""One job: typed config → run directory → metric sinks → launcher session → recipe → status file."""
+
+from __future__ import annotations
+
+import importlib
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cookbook.compose import recipe_name, to_run_config
+from cookbook.config import RunConfig
+from cookbook.metrics import MetricsLogger
+from cookbook.preflight import check_credentials
+from cookbook.rundir import prepare_run_dir, read_status, redact, write_status
+
+
+def run_job(cfg: DictConfig, hydra_cfg: Any) -> dict[str, Any]:
+    from hydra.types import RunMode
+
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    run = to_run_config(cfg)
+    check_credentials(run)
+    log_path = Path(run.log_path or hydra_cfg.runtime.output_dir).resolve()
+    run.log_path = str(log_path)
+    recipe = recipe_name(run.recipe)
+    infra = hydra_cfg.runtime.choices.get("infra") or "custom"
+    overrides = list(hydra_cfg.overrides.task)
+    if run.dry_run:
+        return print_plan(run, recipe, infra, overrides)
+    previous = read_status(log_path)
+    if multirun and previous and previous.get("status") == "ok":
+        print(f"[skip] {log_path.name}: finished in an earlier sweep run")
+        return previous
+    config_yaml = OmegaConf.to_yaml(OmegaConf.merge(cfg, {"log_path": str(log_path)}), resolve=True)
+    attempt = prepare_run_dir(log_path, config_yaml, overrides)
+    started = time.time()
+    status: dict[str, Any] = {"status": "running", "recipe": recipe, "infra": infra, "overrides": overrides,
+                              "attempt": attempt, "log_path": str(log_path)}
+    write_status(log_path, status)
+    logger = MetricsLogger(log_path, run.wandb, f"{recipe}-{infra}-{log_path.name}",
+                           OmegaConf.to_container(cfg, resolve=True))
+    try:
+        result = execute(run, recipe, logger)
+        status.update(status="ok", final_metrics=_final(logger.last, result))
+        return status
+    except KeyboardInterrupt:
+        status.update(status="cancelled", error="interrupted (Ctrl-C)")
+        raise
+    except Exception as exc:
+        status.update(status="failed", error=redact(f"{type(exc).__name__}: {exc}"), final_metrics=logger.last)
+        if not multirun:
+            raise
+        # A raising job makes Hydra re-raise at the end of the sweep and stop writing its summary; record the
+        # failure here (traceback included) and let the sweep go on.
+        (log_path / "error.txt").write_text(redact(traceback.format_exc()))
+        print(f"[failed] {log_path.name}: {status['error']}")
+        return status
+    finally:
+        status["wall_time_s"] = round(time.time() - started, 2)
+        write_status(log_path, status)
+        logger.close()
+
+
+def execute(run: RunConfig, recipe: str, logger: MetricsLogger) -> dict[str, Any]:
+    launcher = importlib.import_module(f"launchers.{run.infra.launcher}")
+    module = importlib.import_module(f"cookbook.recipes.{recipe}")
+    with launcher.launch(run, needs_reference=run.recipe.needs_reference,
+                         needs_deployment=run.recipe.needs_deployment) as session:
+        return module.train(run, session, logger)
+
+
+def _final(last: dict[str, Any], result: Any) -> dict[str, Any]:
+    final = dict(last)
+    if isinstance(result, dict):
+        final.update({k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None})
+    return final
+
+
+def plan(run: RunConfig, recipe: str, infra: str) -> dict[str, Any]:
+    """What a run would create, computed from the config alone (no credentials, nothing started)."""
+    needs_ref = run.recipe.needs_reference or bool(run.infra.ref_training_shape_id)
+    from cookbook.naming import deployment_id_for
+
+    return {
+        "recipe": recipe, "infra": infra, "launcher": run.infra.launcher, "base_model": run.base_model,
+        "policy_trainer": run.infra.training_shape_id,
+        "reference_trainer": (run.infra.ref_training_shape_id or f"{run.infra.training_shape_id} (base_only)")
+        if needs_ref else None,
+        "deployment": (run.deploy.deployment_id or deployment_id_for(run.base_model))
+        if run.recipe.needs_deployment else None,
+        "log_path": run.log_path,
+    }
+
+
+def print_plan(run: RunConfig, recipe: str, infra: str, overrides: list[str]) -> dict[str, Any]:
+    p = plan(run, recipe, infra)
+    print(f"[dry-run] {' '.join(overrides) or '(defaults)'}")
+    for key, value in p.items():
+        print(f"  {key:18} {value if value is not None else '-'}")
+    return {"status": "dry_run", **p}

@@ -1,0 +1,58 @@
+"""`python -m cookbook.train +recipe=<sft|grpo|dpo|orpo> [overrides]` — the one entry point.
+
+Kept import-light: `--cfg job`, `--help` and user-error paths never import torch or transformers.
+Every job is composed and validated before Hydra starts anything, so a user mistake exits with code 2 and
+one readable paragraph (Hydra itself would print a traceback and exit 1), also for every job of a sweep.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from cookbook.compose import CONFIG_PATH, register_resolvers
+from cookbook.config import register_configs
+from cookbook.errors import UserError
+
+USER_ERROR_EXIT = 2
+
+
+def main() -> None:
+    register_configs()
+    register_resolvers()
+    try:
+        from cookbook.preflight import preflight
+
+        preflight(sys.argv[1:])
+    except UserError as exc:
+        _exit_user_error(exc)
+    _hydra_main()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")
+def _hydra_main(cfg: DictConfig) -> dict | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from cookbook.runner import run_job
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        return run_job(cfg, hydra_cfg)
+    except UserError as exc:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # SystemExit would abort the whole sweep; the job is recorded as failed instead
+        _exit_user_error(exc)
+
+
+def _exit_user_error(exc: UserError) -> None:
+    from cookbook.rundir import redact
+
+    print(f"error: {redact(str(exc))}", file=sys.stderr)
+    sys.exit(USER_ERROR_EXIT)
+
+
+if __name__ == "__main__":
+    main()
