@@ -209,6 +209,10 @@ class SFTConfig(RecipeConfig):
         _require(self.train_on_what in ("all_assistant_messages", "last_assistant_message"), "recipe.train_on_what",
                  f"'{self.train_on_what}' is not supported.", "use all_assistant_messages or last_assistant_message.")
 
+    @property
+    def needs_deployment(self) -> bool:
+        return self.eval_dataset is not None  # exact-match evaluation samples greedily from a deployment
+
 
 @dataclass
 class GRPOConfig(RecipeConfig):
@@ -313,6 +317,8 @@ class RunConfig:
     # Resume from a named checkpoint instead: `<name>` in this run, or `<other_run_dir>:<name>`.
     resume_from: Optional[str] = None
     resume_weights_only: bool = False  # load weights but start a fresh optimizer (and position 0)
+    # Resume even if the checkpoint's base model, recipe or training shape differs from this run's.
+    resume_force: bool = False
     dry_run: bool = False  # compose, validate and print the plan without starting anything
 
     def __post_init__(self) -> None:

@@ -9,7 +9,6 @@ the key and the polling interval.
 from __future__ import annotations
 
 import os
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -43,16 +42,11 @@ class TrainerEndpoint:
     max_context_length: int | None = None
 
 
-def sanitize_id(text: str, max_len: int = 63) -> str:
-    """A resource id from free text: lowercase `[a-z0-9-]`, no leading/trailing '-', at most `max_len` chars."""
-    out = re.sub(r"[^a-z0-9-]+", "-", text.lower())
-    out = re.sub(r"-{2,}", "-", out).strip("-")[:max_len].strip("-")
-    return out or "model"
-
-
 def default_deployment_id(base_model: str) -> str:
     """`accounts/fireworks/models/qwen3-8b` -> `qwen3-8b-cookbook`; local paths use their last component."""
-    return sanitize_id(f"{base_model.rstrip('/').rsplit('/', 1)[-1]}-cookbook")
+    from cookbook.naming import deployment_id_for  # the one derivation, shared with dry runs
+
+    return deployment_id_for(base_model)
 
 
 def _error_text(resp: httpx.Response) -> str:

@@ -29,15 +29,16 @@ server takes from the backward datums (whose weights are -dloss/dlogprobs):
 
 so that ``loss / N_mode == L_norm`` in every mode and the effective gradient is identical whatever the user
 configures. For SFT/GRPO with num_loss_tokens this is simply the raw masked token sum; for DPO/ORPO with
-num_sequences it is ``2 * sum over pairs`` (both sides of a pair carry gradient; ORPO with lambda = 0 only the
-chosen side, so ``1 * sum``). The counts are those of the datums of *one call*: the equality is exact when a
+num_sequences it is ``2 * sum over pairs`` (both sides of a pair count). The counts are those of the datums of *one call*: the equality is exact when a
 step makes one ``forward_backward_custom`` call (what the recipes do); with several calls per step the raw modes
 average over the whole step while None sums the per-call values.
 
-Assumption about the server count: a token counts when its backward weight (= -gradient) is non-zero. Tokens in
-the loss mask normally all have a non-zero gradient; exceptions (a GRPO token whose PPO clip is active with
-kl_beta = 0, an advantage of exactly 0, an ORPO average clamped at -50) make the server's count smaller than ours,
-which the losses cannot know before backprop. In the recipes' on-policy loop (ratio ~ 1) this does not arise.
+The server counts a token when its backward weight (= -gradient) is non-zero. A masked token can have an exactly
+zero gradient (a GRPO token whose PPO clip is active with kl_beta = 0, an advantage of 0, an ORPO average clamped
+at -50, the rejected side of ORPO with lambda = 0), which would silently shrink the server's count. Each loss
+therefore adds a *count anchor* ``1e-30 * sum(mask * (lp - lp.detach()))``: value 0, gradient 1e-30 on every masked
+token (representable in float32, invisible next to any real gradient), so the server counts exactly the masked
+tokens / sequences the loss scaled for.
 
 Factories take ``raw_sum`` (= `RecipeConfig.raw_sum`) and, to pick the count, ``normalization``
 (= `RecipeConfig.normalization`). ``raw_sum=True`` without ``normalization`` means the loss's natural server mode:
@@ -79,6 +80,18 @@ def sequence_logprob(logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Ten
     return (logprobs.reshape(-1) * mask).sum()
 
 
+def sequence_logprobs(data: Sequence, logprobs_list: Sequence) -> list[float]:
+    """Per-datum response logprob sums, e.g. from a reference `forward`: ``[sequence_logprob(lp_i, weights_i)]``.
+
+    ``logprobs_list`` items may be tensors or tinker `TensorData` (a forward output's ``["logprobs"]``).
+    """
+    out = []
+    for datum, lp in zip(data, logprobs_list, strict=True):
+        lp = lp.to_torch() if hasattr(lp, "to_torch") else torch.as_tensor(lp)
+        out.append(float(sequence_logprob(lp.detach().double(), datum_weights(datum))))
+    return out
+
+
 def sequence_mean_logprob(logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Mean logprob over the tokens whose weight is > 0 (0 when there are none)."""
     weights = torch.as_tensor(weights, device=logprobs.device).reshape(-1)
@@ -109,6 +122,14 @@ def _scale(mode: Optional[str], n_units: float, n_tokens: float, n_sequences: fl
     return n_sequences / n_units
 
 
+COUNT_ANCHOR = 1e-30
+
+
+def _anchor(lp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Zero-valued term whose gradient is COUNT_ANCHOR on every masked token (see the module docstring)."""
+    return COUNT_ANCHOR * ((lp.reshape(-1) - lp.detach().reshape(-1)) * (mask.reshape(-1) > 0).to(lp.dtype)).sum()
+
+
 def _f(x: torch.Tensor | float) -> float:
     return float(x.detach()) if isinstance(x, torch.Tensor) else float(x)
 
@@ -128,15 +149,17 @@ def sft_loss_fn(raw_sum: bool = False, normalization: Optional[str] = None) -> L
 
     def loss_fn(data, logprobs_list):
         total = logprobs_list[0].new_zeros(())
+        anchor = logprobs_list[0].new_zeros(())
         w_sum, n_tok, n_seq = 0.0, 0.0, 0.0
         for datum, lp in zip(data, logprobs_list, strict=True):
             w = datum_weights(datum, lp)
             total = total + (-lp.reshape(-1) * w).sum()
+            anchor = anchor + _anchor(lp, w)
             w_sum += float(w.sum())
             nz = float((w != 0).sum())
             n_tok += nz
             n_seq += 1.0 if nz > 0 else 0.0
-        loss = total * _scale(mode, w_sum, n_tok, n_seq)
+        loss = total * _scale(mode, w_sum, n_tok, n_seq) + anchor
         return loss, {"sft_loss": _f(total) / max(w_sum, 1.0), "loss_tokens": n_tok, "sequences": n_seq}
 
     return loss_fn
@@ -186,7 +209,7 @@ def group_advantages(rewards: Sequence[float]) -> Optional[list[float]]:
 
 def grpo_loss_fn(
     advantages: Sequence[float],
-    old_logprobs: Sequence[Sequence[float]],
+    old_logprobs: Optional[Sequence[Sequence[float]]],
     inference_logprobs: Sequence[Sequence[float]],
     ref_logprobs: Optional[Sequence[Sequence[float]]],
     masks: Optional[Sequence[Sequence[float]]] = None,
@@ -200,7 +223,9 @@ def grpo_loss_fn(
     """PPO-clipped policy-gradient loss with truncated importance sampling and a k3 KL penalty.
 
     Per datum i (all sequences aligned with its target tokens, length T_i; ``masks[i]`` marks completion tokens,
-    None = the datum weights > 0; ``advantages[i]`` is one scalar per completion):
+    None = the datum weights > 0; ``advantages[i]`` is one scalar per completion). ``old_logprobs=None`` anchors
+    on the current policy (old = lp detached: ratio 1 with the policy-gradient slope, TIS between the current
+    policy and the sampler), which is exact for one optimizer step per batch and saves the old-policy forward:
 
         ratio     = exp(clamp(lp - old, -20, 20));   clipped = clamp(ratio, 1 - eps_clip, 1 + (eps_clip_high or eps_clip))
         tis       = clamp(exp(clamp(old - inf, -20, 20)), 0, tis_cap)       (constant; 1 off the mask)
@@ -222,6 +247,7 @@ def grpo_loss_fn(
         if len(data) != n:
             raise ValueError(f"grpo_loss_fn built for {n} datums, called with {len(data)}")
         total = logprobs_list[0].new_zeros(())
+        anchor = logprobs_list[0].new_zeros(())
         n_tok = n_seq = 0.0
         clip_n = ratio_s = kl_s = tis_s = tis_capped = 0.0
         for i, (datum, lp) in enumerate(zip(data, logprobs_list, strict=True)):
@@ -229,9 +255,10 @@ def grpo_loss_fn(
             mask = (_as_tensor(masks[i], lp) if masks is not None else datum_weights(datum, lp)) > 0
             m = mask.to(lp.dtype)
             n_active = float(m.sum())
+            anchor = anchor + _anchor(lp, m)  # also keeps every logprob in the graph (the SDK needs a grad)
             if n_active == 0:
                 continue
-            old = _as_tensor(old_logprobs[i], lp)
+            old = lp.detach() if old_logprobs is None else _as_tensor(old_logprobs[i], lp)
             inf = _as_tensor(inference_logprobs[i], lp)
             if not (old.numel() == inf.numel() == lp.numel() == m.numel()):
                 raise ValueError(f"grpo_loss_fn: datum {i} has mismatched lengths "
@@ -257,7 +284,7 @@ def grpo_loss_fn(
                 ratio_s += float((ratio * m).sum())
                 tis_s += float((tis * m).sum())
                 tis_capped += float(((raw_tis > tis_cap) & mask).sum())
-        loss = total * _scale(mode, n_tok, n_tok, n_seq)
+        loss = total * _scale(mode, n_tok, n_tok, n_seq) + anchor
         d = max(n_tok, 1.0)
         metrics = {
             "pg_loss": _f(total) / d,
@@ -308,6 +335,7 @@ def dpo_loss_fn(
         if len(data) != 2 * n_pairs:
             raise ValueError(f"dpo_loss_fn built for {n_pairs} pairs ({2 * n_pairs} datums), got {len(data)} datums")
         total = logprobs_list[0].new_zeros(())
+        anchor = logprobs_list[0].new_zeros(())
         n_tok = 0.0
         margins, chosen_r, rejected_r = [], [], []
         for p, (dc, lpc), (dr, lpr) in _pairs(data, logprobs_list, "dpo_loss_fn"):
@@ -317,11 +345,12 @@ def dpo_loss_fn(
             r = pi_r - float(ref_rejected_logps[p])
             margin = c - r
             total = total + torch.nn.functional.softplus(-beta * margin)
+            anchor = anchor + _anchor(lpc, wc) + _anchor(lpr, wr)
             n_tok += float((wc > 0).sum() + (wr > 0).sum())
             margins.append(_f(margin))
             chosen_r.append(beta * _f(c))
             rejected_r.append(beta * _f(r))
-        loss = total * _scale(mode, n_pairs, n_tok, 2.0 * n_pairs)
+        loss = total * _scale(mode, n_pairs, n_tok, 2.0 * n_pairs) + anchor
         d = max(n_pairs, 1)
         metrics = {
             "dpo_loss": _f(total) / d,
@@ -369,6 +398,7 @@ def orpo_loss_fn(orpo_lambda: float, raw_sum: bool = False, normalization: Optio
     def loss_fn(data, logprobs_list):
         n_pairs = len(data) // 2
         total = logprobs_list[0].new_zeros(())
+        anchor = logprobs_list[0].new_zeros(())
         n_tok = 0.0
         sft_s = or_s = lor_s = acc = 0.0
         for _, (dc, lpc), (dr, lpr) in _pairs(data, logprobs_list, "orpo_loss_fn"):
@@ -378,13 +408,13 @@ def orpo_loss_fn(orpo_lambda: float, raw_sum: bool = False, normalization: Optio
             lor = log_odds(avg_c) - log_odds(avg_r)
             or_term = torch.nn.functional.softplus(-lor)
             total = total + sft + orpo_lambda * or_term
-            n_tok += float((wc > 0).sum()) + (float((wr > 0).sum()) if orpo_lambda != 0 else 0.0)
+            anchor = anchor + _anchor(lpc, wc) + _anchor(lpr, wr)
+            n_tok += float((wc > 0).sum() + (wr > 0).sum())
             sft_s += _f(sft)
             or_s += _f(or_term)
             lor_s += _f(lor)
             acc += 1.0 if _f(lor) > 0 else 0.0
-        n_seq = (2.0 if orpo_lambda != 0 else 1.0) * n_pairs
-        loss = total * _scale(mode, n_pairs, n_tok, n_seq)
+        loss = total * _scale(mode, n_pairs, n_tok, 2.0 * n_pairs) + anchor
         d = max(n_pairs, 1)
         metrics = {
             "orpo_loss": _f(total) / d,

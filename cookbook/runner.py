@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -65,9 +67,17 @@ def run_job(cfg: DictConfig, hydra_cfg: Any) -> dict[str, Any]:
 
 
 def execute(run: RunConfig, recipe: str, logger: MetricsLogger) -> dict[str, Any]:
+    from cookbook.warmstart import plan_init
+
     launcher = importlib.import_module(f"launchers.{run.infra.launcher}")
     module = importlib.import_module(f"cookbook.recipes.{recipe}")
-    with launcher.launch(run, needs_reference=run.recipe.needs_reference,
+    init = plan_init(run.recipe.init_from, run.base_model, run.seed)
+    if init.note:
+        print(f"[{recipe}] {init.note}", file=sys.stderr)
+    # The launcher provisions the starting model (the base model, or a warm start / model directory); the run's
+    # identity for resume checks stays the configured base model.
+    provisioned = dataclasses.replace(run, base_model=init.base_model)
+    with launcher.launch(provisioned, needs_reference=run.recipe.needs_reference,
                          needs_deployment=run.recipe.needs_deployment) as session:
         return module.train(run, session, logger)
 

@@ -3,6 +3,7 @@
 Kept import-light: `--cfg job`, `--help` and user-error paths never import torch or transformers.
 Every job is composed and validated before Hydra starts anything, so a user mistake exits with code 2 and
 one readable paragraph (Hydra itself would print a traceback and exit 1), also for every job of a sweep.
+A sweep (`-m`) runs every job even when some fail, then lists the failures (cookbook/sweep.py) and exits 1.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from cookbook.config import register_configs
 from cookbook.errors import UserError
 
 USER_ERROR_EXIT = 2
+SWEEP_FAILED_EXIT = 1
 
 
 def main() -> None:
@@ -28,7 +30,15 @@ def main() -> None:
         preflight(sys.argv[1:])
     except UserError as exc:
         _exit_user_error(exc)
-    _hydra_main()
+    from cookbook import sweep
+
+    try:
+        _hydra_main()
+    finally:
+        # Hydra skips on_multirun_end when a job raised; finish() then writes the summary (no-op otherwise).
+        failed = sweep.finish()
+    if failed:
+        sys.exit(SWEEP_FAILED_EXIT)  # the failed jobs were listed above; the sweep itself ran to the end
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="config")

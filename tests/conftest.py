@@ -14,6 +14,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 
 REPO = Path(__file__).resolve().parents[1]
+# Trainer storage and the warm-start cache for tests: inside the checkout (gitignored), kept between test sessions.
+os.environ.setdefault("COOKBOOK_PLATFORM_ROOT", str(REPO / ".test-platform"))
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,

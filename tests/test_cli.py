@@ -67,7 +67,7 @@ def test_dry_run_plans_fireworks_shapes_without_credentials(tmp_path):
         capture_output=True, text=True, cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert out.count("[dry-run]") == 2
+    assert out.count("[dry-run] +recipe") == 2
     assert "accounts/fireworks/trainingShapes/qwen3-8b-128k-h200-forward" in out
     assert "accounts/fireworks/trainingShapes/qwen3p5-9b-256k" in out
     assert "qwen3-8b-cookbook" in out  # the deployment that would be created

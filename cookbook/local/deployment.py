@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import threading
 import time
 import uuid
@@ -23,10 +24,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from cookbook.local.procs import KeyAuthMiddleware, serve
+from cookbook.local.procs import SNAPSHOT_ROOT_HEADER, KeyAuthMiddleware, serve
 from cookbook.local.sampling import Batcher, Engine, SeqRequest
 
-SNAPSHOT_ROOT_HEADER = "x-cookbook-snapshot-root"
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--port-file")
-    p.add_argument("--api-key", required=True)
+    p.add_argument("--api-key", help="per-run key; default: $COOKBOOK_PLATFORM_KEY (keeps it out of `ps`)")
     p.add_argument("--base-model", required=True)
     p.add_argument("--snapshot-root")
     p.add_argument("--parent-pid", type=int)
@@ -200,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    api_key = args.api_key or os.environ.get("COOKBOOK_PLATFORM_KEY")
+    if not api_key:
+        p.error("no API key (--api-key or COOKBOOK_PLATFORM_KEY)")
 
     from cookbook.local.procs import start_parent_watchdog
     start_parent_watchdog(args.parent_pid)  # also while the model loads, before serve() starts
@@ -211,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = load_model(args.base_model, seed=args.seed).to(device).eval()
     engine = Engine(model, load_tokenizer(args.base_model), device)
-    app = build_app(engine, Batcher(engine, args.max_batch), HotLoader(engine, args.snapshot_root), args.api_key,
+    app = build_app(engine, Batcher(engine, args.max_batch), HotLoader(engine, args.snapshot_root), api_key,
                     args.base_model)
     serve(app, args.port, args.port_file, args.parent_pid)
 

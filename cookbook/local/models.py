@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,7 +130,9 @@ def quiet_hf():
         yield
     finally:
         hf_logging.set_verbosity(old_level)
-        hf_logging.enable_progress_bar()
+        with warnings.catch_warnings():  # hf-hub warns when its env switch overrides re-enabling
+            warnings.simplefilter("ignore")
+            hf_logging.enable_progress_bar()
         if old_env is None:
             os.environ.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
         else:

@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 
 PR_SET_PDEATHSIG = 1
 LOOPBACK = "127.0.0.1"
+# Set by the control plane on hot-load requests it forwards: the snapshot dir of the deployment's trainer job.
+SNAPSHOT_ROOT_HEADER = "x-cookbook-snapshot-root"
 
 
 def set_pdeathsig(sig: int = signal.SIGTERM) -> None:
@@ -183,6 +185,9 @@ def serve(app, port: int, port_file: str | None, parent_pid: int | None,
     start_parent_watchdog(parent_pid)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit TCP_NODELAY. Without it, a keep-alive response written as headers + body stalls
+    # ~40 ms on Nagle vs delayed ACK (measured: 44 ms -> 1 ms per small request on loopback).
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((LOOPBACK, port))
     sock.listen(512)
     bound = sock.getsockname()[1]

@@ -14,6 +14,7 @@ import os
 import queue
 import random
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -163,9 +164,14 @@ class Batcher:
     `max_batch` sequences, so 64 concurrent single-sample requests become one batch of 64.
     """
 
-    def __init__(self, engine: Engine, max_batch: int = 64):
+    def __init__(self, engine: Engine, max_batch: int = 64, gap_s: float = 0.01, max_wait_s: float = 0.05):
         self.engine = engine
         self.max_batch = max_batch
+        # Concurrent requests reach this process milliseconds apart (client threads, the control-plane hop). Without
+        # a gather window the first one would decode alone while the rest wait for all of it; so keep collecting
+        # while requests keep arriving within `gap_s` of each other, for at most `max_wait_s`.
+        self.gap_s = gap_s
+        self.max_wait_s = max_wait_s
         self._q: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
         self._thread.start()
@@ -183,9 +189,10 @@ class Batcher:
             batch = [carry] if carry else [self._q.get()]
             carry = None
             size = len(batch[0][0])
-            while True:
+            deadline = time.monotonic() + self.max_wait_s
+            while size < self.max_batch:
                 try:
-                    item = self._q.get_nowait()
+                    item = self._q.get(timeout=max(0.0, min(self.gap_s, deadline - time.monotonic())))
                 except queue.Empty:
                     break
                 if size + len(item[0]) > self.max_batch:

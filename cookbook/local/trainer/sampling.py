@@ -57,7 +57,7 @@ class Sampler:
 
         ids = torch.tensor([prompt] * n)
         out = self.model(input_ids=ids, use_cache=True)
-        cache = out.past_key_values
+        cache = out.cache
         result: dict = {"type": "sample", "sequences": []}
         if body.get("prompt_logprobs"):
             lp = torch.log_softmax(out.logits[0, :-1].float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
@@ -81,7 +81,7 @@ class Sampler:
             if not active.any() or step == max_tokens - 1:
                 break
             out = self.model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            cache = out.cache
             logits = out.logits[:, -1].float()
         result["sequences"] = [{"tokens": t, "logprobs": lp, "stop_reason": r}
                                for t, lp, r in zip(tokens, logprobs, reasons)]

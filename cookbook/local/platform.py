@@ -1,0 +1,108 @@
+"""`LocalPlatform`: start the embedded control plane on loopback for the duration of a `with` block.
+
+    with LocalPlatform(root) as platform:
+        mgr = TrainerJobManager(platform.api_key, platform.base_url, poll_interval_s=0.2)
+
+The control plane runs as a child process with a random per-run key (`tml-` + 32 hex: the tinker SDK insists on the
+prefix); it spawns trainers and deployments itself. Everything stops when the block exits, however it exits:
+normally, by exception, by Ctrl-C; and if this process is SIGKILLed, PDEATHSIG plus the children's parent-pid watchdogs
+take them down (the control plane stops its own children on the way out).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+from pathlib import Path
+
+from cookbook.local.procs import python_cmd, spawn, stop_group, wait_port_file
+
+
+def new_api_key() -> str:
+    return "tml-" + secrets.token_hex(16)
+
+
+class LocalPlatform:
+    def __init__(self, root_dir: str | os.PathLike, start_timeout_s: float = 60.0,
+                 storage: str | os.PathLike | None = None):
+        self.root = Path(root_dir).resolve()  # this platform's port files and logs
+        # Trainer stores and promoted models; shared between platforms so later runs can load earlier checkpoints.
+        self.storage = Path(storage).resolve() if storage else self.root
+        self.api_key = new_api_key()
+        self.start_timeout_s = start_timeout_s
+        self.base_url: str | None = None
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def jobs_root(self) -> Path:
+        return self.storage / "jobs"
+
+    @property
+    def models_root(self) -> Path:
+        return self.storage / "models"
+
+    def start(self) -> "LocalPlatform":
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "run").mkdir(exist_ok=True)
+        port_file = self.root / "run" / "control-plane.port"
+        port_file.unlink(missing_ok=True)
+        log_file = self.root / "logs" / "control-plane.log"
+        env = {**os.environ, "COOKBOOK_PLATFORM_KEY": self.api_key}  # env, not argv: keys stay out of `ps`
+        cmd = python_cmd("cookbook.local.control_plane", "--root", str(self.root), "--storage", str(self.storage),
+                         "--port-file", str(port_file), "--parent-pid", str(os.getpid()))
+        self.proc = spawn(cmd, log_file, env)
+        try:
+            port = wait_port_file(port_file, self.proc, self.start_timeout_s, "the local control plane", log_file)
+        except BaseException:
+            self.stop()
+            raise
+        self.base_url = f"http://127.0.0.1:{port}"
+        return self
+
+    def stop(self) -> None:
+        """Stop the control plane (it stops its trainers and deployments first); idempotent."""
+        if self.proc is None:
+            return
+        proc, self.proc = self.proc, None
+        # SIGTERM lets the control plane stop its children gracefully; stop_group then sweeps its process group.
+        stop_group(proc, grace_s=15.0)
+
+    def child_pids(self) -> list[int]:
+        """Pids of every live process started for this platform (found by its root dir in their command line)."""
+        return find_pids(str(self.root))
+
+    def __enter__(self) -> "LocalPlatform":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        # Ctrl-C during teardown must not leave children behind: finish stopping first.
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN) if _main_thread() else None
+        try:
+            self.stop()
+        finally:
+            if old is not None:
+                signal.signal(signal.SIGINT, old)
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def find_pids(marker: str) -> list[int]:
+    """Live pids whose command line contains `marker` (scans /proc; no psutil)."""
+    from cookbook.local.procs import pid_alive
+
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline and pid_alive(int(entry)):
+            out.append(int(entry))
+    return out

@@ -1,0 +1,73 @@
+"""`python -m cookbook.local.trainer`: the embedded trainer service process.
+
+Binds 127.0.0.1 only, requires the per-run key on every request (from $COOKBOOK_PLATFORM_KEY, which unlike argv
+does not show in `ps`; `--api-key` for standalone use), and never outlives its parent: the kernel sends SIGTERM when
+the parent dies (PR_SET_PDEATHSIG) and a watchdog also polls `--parent-pid`. With `--port 0` the chosen port is
+written atomically to `--port-file` once the socket is listening (`cookbook.local.procs.serve`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m cookbook.local.trainer", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--port-file")
+    p.add_argument("--api-key", help="per-run key; default: $COOKBOOK_PLATFORM_KEY")
+    p.add_argument("--store", required=True, help="<jobs_root>/<job_id>")
+    p.add_argument("--job-id", required=True)
+    p.add_argument("--base-model", required=True)
+    p.add_argument("--max-context-length", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parent-pid", type=int)
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from cookbook.local.procs import serve, set_pdeathsig
+
+    set_pdeathsig()
+    api_key = args.api_key or os.environ.get("COOKBOOK_PLATFORM_KEY")
+    if not api_key:
+        print("trainer: no API key (--api-key or COOKBOOK_PLATFORM_KEY)", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print("the trainer service binds loopback only", file=sys.stderr)
+        return 2
+    logging.basicConfig(stream=sys.stderr, level=args.log_level.upper(),
+                        format=f"%(asctime)s trainer[{args.job_id}] %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from cookbook.local import models
+    from cookbook.local.trainer.app import TrainerService, build_app
+    from cookbook.local.trainer.checkpoints import Store
+
+    if not models.is_embedded(args.base_model) and not Path(args.base_model).exists():
+        logging.info("base model %s is not embedded or a local path; trying the Hugging Face hub", args.base_model)
+    store = Store(args.store, args.job_id)
+    store.root.mkdir(parents=True, exist_ok=True)
+    svc = TrainerService(store=store, api_key=api_key, base_model=args.base_model, seed=args.seed,
+                         max_context_length=args.max_context_length)
+    app = build_app(svc)
+
+    logging.info("serving %s (store %s)", args.base_model, store.root)
+    try:
+        serve(app, args.port, args.port_file, args.parent_pid)
+    except KeyboardInterrupt:
+        pass
+    svc.executor.shutdown(wait=False, cancel_futures=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

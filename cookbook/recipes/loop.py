@@ -1,0 +1,180 @@
+"""The skeleton every recipe shares, written once.
+
+A recipe builds its data, then iterates `for batch in loop.steps():` and does only its algorithm inside the
+loop body (forward/backward, `loop.optim_step()`, `loop.record(...)`). Around each step the loop handles what
+every recipe needs in the same order: resume before the first step, then after each optimizer step weight sync
+(per `weight_sync_interval`), DCP save (per `dcp_save_interval`), evaluation (per `recipe.eval_interval`),
+metrics and the progress bar; `loop.finish()` runs the final evaluation, the final (resumable + promotable)
+checkpoint and promotion.
+
+Determinism for exact resume: the data order comes from the cursor (seeded per epoch) and every sampling seed is
+derived from (seed, step), so step + cursor are the only state besides the trainer's weights and optimizer.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from typing import Any, Callable, Iterator, Optional
+
+import tinker
+from tqdm import tqdm
+
+from cookbook.checkpoints import Checkpointer, promote, read_index
+from cookbook.config import RunConfig
+from cookbook.data import Batch, DataCursor
+from cookbook.metrics import MetricsLogger
+from cookbook.warmstart import plan_init
+from cookbook.weight_sync import should_sync
+
+Evaluate = Callable[["TrainingLoop"], dict[str, float]]
+
+
+class TrainingLoop:
+    def __init__(self, run: RunConfig, session: Any, logger: MetricsLogger, cursor: DataCursor, *, recipe: str,
+                 batch_size: int, evaluate: Optional[Evaluate] = None, sync_every_step: bool = False):
+        self.run, self.cfg, self.session, self.logger = run, run.recipe, session, logger
+        self.cursor, self.batch_size, self.evaluate, self.recipe = cursor, batch_size, evaluate, recipe
+        # Recipes that sample every step (GRPO) keep the deployment in sync per weight_sync_interval; the others
+        # only sync when an evaluation needs the current weights on the deployment.
+        self.sync_every_step = sync_every_step
+        self._deployment_step: Optional[int] = None
+        self.checkpointer = Checkpointer(run, session.policy, recipe)
+        point = self.checkpointer.resume(plan_init(self.cfg.init_from, run.base_model, run.seed).state_path)
+        if point.cursor:
+            cursor.load_state_dict(point.cursor)
+        self.step = self.start_step = point.step
+        self.resumed_from = point.source
+        remaining = cursor.count_batches(batch_size)
+        if run.max_steps is not None:
+            remaining = max(0, min(remaining, run.max_steps - self.step))
+        self.total_steps = self.step + remaining
+        self.metrics: dict[str, Any] = {}
+        self.epoch = cursor.epoch
+        if point.source:
+            tqdm.write(f"[{recipe}] resumed from {point.source} at step {self.step}")
+
+    # ---------------------------------------------------------------------------------------------- optimizer
+    def learning_rate(self, step: Optional[int] = None) -> float:
+        """Warm-up then constant / linear / cosine decay to `min_lr_ratio` of the peak, over the run's steps."""
+        cfg, step = self.cfg, self.step if step is None else step
+        if cfg.warmup_steps and step < cfg.warmup_steps:
+            return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+        if cfg.lr_schedule == "constant":
+            return cfg.learning_rate
+        span = max(1, self.total_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        shape = 1 - progress if cfg.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+        return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
+
+    def optim_step(self) -> dict[str, float]:
+        cfg = self.cfg
+        params = tinker.AdamParams(learning_rate=self.learning_rate(), beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
+                                   weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
+        started = time.perf_counter()
+        result = self.session.policy.optim_step(params, grad_accumulation_normalization=cfg.normalization)
+        self.metrics["perf/optim_step_time"] = time.perf_counter() - started
+        self.metrics["train/lr"] = params.learning_rate
+        return {f"train/{k.split(':')[0]}": v for k, v in (getattr(result, "metrics", None) or {}).items()}
+
+    def sampling_seed(self, index: int) -> int:
+        """A seed per (run seed, step, request): identical in a resumed run and an uninterrupted one."""
+        return (self.run.seed * 1_000_003 + self.step * 10_007 + index) % (2**31 - 1)
+
+    # ------------------------------------------------------------------------------------------------- steps
+    def steps(self) -> Iterator[Batch]:
+        """Yield one batch of row indices per optimizer step; everything after the step happens here."""
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=self.recipe, unit="step", dynamic_ncols=True,
+                   file=sys.stderr, mininterval=1.0)
+        try:
+            while self.step < self.total_steps:
+                batch = self.cursor.next_batch(self.batch_size)
+                if not batch.indices:
+                    break
+                self.epoch = batch.epoch
+                self.metrics = {}
+                started = time.perf_counter()
+                yield batch
+                self.step += 1
+                self._after_step(started)
+                bar.update(1)
+        finally:
+            bar.close()
+
+    def record(self, metrics: dict[str, Any]) -> None:
+        self.metrics.update(metrics)
+
+    def timed(self, name: str) -> "_Timer":
+        return _Timer(self.metrics, f"perf/{name}_time")
+
+    def _after_step(self, started: float) -> None:
+        m, ws = self.metrics, self.run.weight_sync
+        if self.sync_every_step and should_sync(self.step, ws) and self.step < self.total_steps:
+            with self.timed("weight_sync"):
+                self.sync_deployment(f"step-{self.step}")
+        if ws.dcp_save_interval and self.step % ws.dcp_save_interval == 0 and self.step < self.total_steps:
+            with self.timed("dcp_save"):
+                self.checkpointer.save(self.step, self.cursor.state_dict())
+        if (self.evaluate and self.cfg.eval_interval and self.step % self.cfg.eval_interval == 0
+                and self.step < self.total_steps):
+            with self.timed("eval"):
+                m.update(self.evaluate(self))
+        m["perf/step_time"] = time.perf_counter() - started
+        m["train/epoch"] = self.epoch
+        self.logger.log(m, self.step)
+
+    # ----------------------------------------------------------------------------------------- weight sync
+    def sync_deployment(self, name: str, checkpoint_type: Optional[str] = None) -> None:
+        self.session.weight_syncer.save_and_hotload(name, checkpoint_type=checkpoint_type)
+        self._deployment_step = self.step
+
+    def sync_before_training(self) -> None:
+        """Put the trainer's starting weights on the deployment when they may differ from what it serves: always
+        with `weight_sync_before_training`, and whenever the trainer did not start from the base model."""
+        if self.session.weight_syncer is None:
+            return
+        if self.run.weight_sync.weight_sync_before_training or self.resumed_from or self.cfg.init_from:
+            started = time.perf_counter()
+            self.sync_deployment(f"start-{self.step}", checkpoint_type="base")
+            tqdm.write(f"[{self.recipe}] synced starting weights to the deployment "
+                       f"({time.perf_counter() - started:.2f}s)")
+        else:
+            self._deployment_step = self.step  # the deployment serves the base model, which is what the trainer has
+
+    def ensure_deployment_current(self) -> None:
+        """Evaluation samples from the deployment: make sure it serves the weights of the current step."""
+        if self._deployment_step != self.step:
+            self.sync_deployment(f"eval-{self.step}")
+
+    # ------------------------------------------------------------------------------------------------ finish
+
+    def finish(self) -> dict[str, Any]:
+        final: dict[str, Any] = {"steps": self.step, "steps_this_attempt": self.step - self.start_step}
+        if self.evaluate:
+            metrics = self.evaluate(self)
+            self.logger.log(metrics, self.step)
+            final.update(metrics)
+        records = read_index(self.run.log_path)
+        if not (records and records[-1]["step"] == self.step and records[-1].get("kind") == "both"):
+            record = self.checkpointer.save(self.step, self.cursor.state_dict(), final=True)
+        else:
+            record = records[-1]  # rerun of a finished run: its final checkpoint already exists
+        final["final_checkpoint"] = record["name"]
+        if self.cfg.output_model_id:
+            model = promote(self.session, record, self.cfg.output_model_id)
+            final["promoted_model"] = str(model)
+            tqdm.write(f"[{self.recipe}] promoted {record['name']} as {model}")
+        return final
+
+
+class _Timer:
+    def __init__(self, metrics: dict[str, Any], key: str):
+        self.metrics, self.key = metrics, key
+
+    def __enter__(self) -> "_Timer":
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.metrics[self.key] = self.metrics.get(self.key, 0.0) + time.perf_counter() - self.started

@@ -1,0 +1,46 @@
+"""Supervised fine-tuning: weighted cross-entropy on assistant turns.
+
+Per step: a batch of rendered rows → one `forward_backward` with the built-in cross-entropy (weights scaled so the
+loss is the per-token mean unless the trainer normalizes) → `optim_step`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tqdm import tqdm
+
+from cookbook.config import RunConfig, SFTConfig
+from cookbook.data import DataCursor, load_dataset
+from cookbook.losses import scale_weights_for_builtin_ce
+from cookbook.metrics import MetricsLogger
+from cookbook.recipes.evals import exact_match_eval
+from cookbook.recipes.loop import TrainingLoop
+
+
+def train(run: RunConfig, session: Any, logger: MetricsLogger) -> dict[str, Any]:
+    cfg: SFTConfig = run.recipe
+    max_len = cfg.max_seq_len or run.infra.max_context_length
+    data = load_dataset(cfg.dataset, "sft", session.tokenizer, max_len, train_on_what=cfg.train_on_what)
+    tqdm.write(f"[sft] {data.summary()}")
+    evaluate = None
+    if cfg.eval_dataset and session.sampler is not None:
+        evaluate = exact_match_eval(session, cfg.eval_dataset, "sft", cfg.max_eval_rows, max_tokens=16)
+
+    cursor = DataCursor(len(data), cfg.epochs, cfg.shuffle, run.seed, data.valid)
+    loop = TrainingLoop(run, session, logger, cursor, recipe="sft", batch_size=cfg.batch_size, evaluate=evaluate)
+    for batch in loop.steps():
+        datums = [data.items[i] for i in batch.indices]
+        with loop.timed("fwd_bwd"):
+            out = session.policy.forward_backward(scale_weights_for_builtin_ce(datums, cfg.normalization),
+                                                  "cross_entropy")
+        loop.record(loop.optim_step())
+
+        loss_sum = tokens = 0.0
+        for datum, output in zip(datums, out.loss_fn_outputs):
+            weights = datum.loss_fn_inputs["weights"].to_torch()
+            loss_sum += float(-(output["logprobs"].to_torch() * weights).sum())
+            tokens += float(weights.sum())
+        loop.record({"train/loss": loss_sum / max(tokens, 1.0), "train/loss_tokens": tokens,
+                     "train/tokens_per_s": tokens / max(loop.metrics["perf/fwd_bwd_time"], 1e-9)})
+    return loop.finish()

@@ -1,0 +1,43 @@
+"""The `fireworks` launcher: the same session as `local`, pointed at the Fireworks control plane.
+
+URL: `https://api.fireworks.ai`, or `$FIREWORKS_BASE_URL`. Key: `$FIREWORKS_API_KEY` only (never config or files).
+Nothing is started on this machine; trainer jobs and the deployment are created on Fireworks from the shapes in
+`cfg.infra` / `cfg.deploy` and deleted (deployment scaled to zero, then deleted) when the block exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Iterator
+
+from cookbook.config import RunConfig
+from cookbook.errors import UserError
+from cookbook.fireworks_api import DEFAULT_BASE_URL
+from cookbook.session import Session, build_session
+
+
+
+def _poll_interval_s() -> float:
+    # Fireworks provisioning takes minutes, so 5 s polls; tests pointing this launcher at a local control plane
+    # shorten it with FIREWORKS_POLL_INTERVAL_S.
+    return float(os.environ.get("FIREWORKS_POLL_INTERVAL_S") or 5.0)
+
+
+def credentials() -> tuple[str, str]:
+    api_key = os.environ.get("FIREWORKS_API_KEY", "").strip()
+    if not api_key:
+        raise UserError("FIREWORKS_API_KEY is not set, and the fireworks launcher needs it to create trainer jobs "
+                        "and deployments. Fix: `export FIREWORKS_API_KEY=...` (keys are read from the environment "
+                        "only), or run locally with `infra=local-tiny`.")
+    return os.environ.get("FIREWORKS_BASE_URL", "").strip() or DEFAULT_BASE_URL, api_key
+
+
+@contextlib.contextmanager
+def launch(cfg: RunConfig, *, needs_reference: bool, needs_deployment: bool,
+           log: Callable[[str], None] = print) -> Iterator[Session]:
+    base_url, api_key = credentials()
+    with contextlib.ExitStack() as stack:
+        log(f"[launch] Fireworks control plane at {base_url}")
+        yield build_session(cfg, base_url, api_key, needs_reference=needs_reference,
+                            needs_deployment=needs_deployment, stack=stack, log=log, poll_interval_s=_poll_interval_s())

@@ -1,0 +1,153 @@
+"""Benchmark the local deployment against plain baselines, side by side in one run.
+
+    python scripts/bench_deployment.py [--model local-small] [--batch 16] [--new-tokens 64] [--repeats 3]
+
+1. Sampling: deployment tokens/s (B concurrent requests over HTTP, the rollout path) ÷ HF `generate` with KV cache
+   (same model, batch, prompt length and number of new tokens, in this process). Goal >= 1.0.
+2. Weight sync: `WeightSyncer.save_and_hotload` (trainer save -> hot load -> deployment serves it) ÷ a raw
+   `safetensors` save + load of the same weights. Goal <= 1.5. Base and delta syncs are reported separately.
+Ratios are what matter: absolute numbers depend on what else the machine is doing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def bench_hf_generate(model_name: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
+    import torch
+
+    from cookbook.local.models import load_model
+    model = load_model(model_name)
+    ids = torch.randint(0, 250, (batch, prompt_len))
+    mask = torch.ones_like(ids)
+
+    def run():
+        with torch.inference_mode():
+            model.generate(input_ids=ids, attention_mask=mask, do_sample=True, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, use_cache=True, pad_token_id=model.config.pad_token_id)
+
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t)
+    return batch * new_tokens / statistics.median(times)
+
+
+def bench_deployment(dm, dep: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
+    import random
+    pool = ThreadPoolExecutor(batch)
+    prompts = [[random.randrange(250) for _ in range(prompt_len)] for _ in range(batch)]
+
+    def one(p):
+        body = {"prompt": p, "max_tokens": new_tokens, "temperature": 1.0, "ignore_eos": True}
+        reply = dm.completions(dep, body)
+        return len(reply["choices"][0]["raw_output"]["completion_token_ids"])
+
+    def run():
+        return sum(pool.map(one, prompts))
+
+    run()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        n = run()
+        times.append(time.perf_counter() - t)
+        assert n == batch * new_tokens, n
+    return batch * new_tokens / statistics.median(times)
+
+
+def bench_raw_safetensors(model_name: str, repeats: int) -> float:
+    from safetensors.torch import load_file, save_file
+
+    from cookbook.local.models import load_model
+    from cookbook.local.snapshots import canonical_state
+    state = {k: v.contiguous() for k, v in canonical_state(load_model(model_name)).items()}
+    times = []
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(repeats):
+            t = time.perf_counter()
+            save_file(state, f"{d}/m{i}.safetensors")
+            load_file(f"{d}/m{i}.safetensors")
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="local-small")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    import tinker
+
+    from cookbook.client import ReconnectableClient
+    from cookbook.config import DeployConfig
+    from cookbook.fireworks_api import DeploymentManager, TrainerJobManager
+    from cookbook.local.platform import LocalPlatform
+    from cookbook.weight_sync import WeightSyncer
+
+    shape = f"accounts/local/trainingShapes/{args.model}"
+    with tempfile.TemporaryDirectory() as root, LocalPlatform(root) as p:
+        tm = TrainerJobManager(p.api_key, p.base_url, poll_interval_s=0.02)
+        dm = DeploymentManager(p.api_key, p.base_url, poll_interval_s=0.02)
+        tm.create(args.model, shape, job_id="bench")
+        dm.create_or_get(DeployConfig(deployment_id="bench"), args.model, hot_load_trainer_job=tm.job_name("bench"))
+        client = ReconnectableClient(tm, "bench", args.model, fw_api_key=p.api_key, ready_timeout=300)
+        dm.wait_for_ready("bench", 300)
+
+        # Interleaved rounds, so a busy neighbour slows both sides alike; the ratio is the median of per-round ratios.
+        rounds = [(bench_deployment(dm, "bench", args.batch, args.prompt_len, args.new_tokens, 1),
+                   bench_hf_generate(args.model, args.batch, args.prompt_len, args.new_tokens, 1))
+                  for _ in range(args.repeats)]
+        dep_tps = statistics.median(d for d, _ in rounds)
+        hf_tps = statistics.median(h for _, h in rounds)
+        sample_ratio = statistics.median(d / h for d, h in rounds)
+
+        syncer = WeightSyncer(client, dm, "bench", args.model, hotload_timeout=120)
+        data = [tinker.Datum(model_input=tinker.ModelInput.from_ints(list(range(1, 33))),
+                             loss_fn_inputs={"target_tokens": tinker.TensorData(data=list(range(2, 34)), dtype="int64",
+                                                                                shape=[32])})]
+        timings: dict[str, list[tuple[float, float]]] = {"base": [], "delta": []}
+        for i in range(args.repeats + 1):
+            for ctype in ("base", "delta"):
+                client.forward_backward(data, "cross_entropy")
+                client.optim_step(tinker.AdamParams(learning_rate=1e-3))
+                t0 = time.perf_counter()
+                identity, _ = syncer.save_only(f"{ctype}{i}", ctype)  # trainer export
+                t1 = time.perf_counter()
+                syncer.hotload(identity, ctype)  # deployment load + wait until it serves it
+                timings[ctype].append((t1 - t0, time.perf_counter() - t1))
+        med = {k: (statistics.median(a for a, _ in v[1:]), statistics.median(b for _, b in v[1:]))
+               for k, v in timings.items()}  # the first round is warm-up
+        base_s, delta_s = sum(med["base"]), sum(med["delta"])
+        raw_s = bench_raw_safetensors(args.model, args.repeats + 2)
+        client.close()
+
+    print(f"model {args.model}, batch {args.batch}, prompt {args.prompt_len}, new tokens {args.new_tokens}")
+    print(f"sampling   deployment {dep_tps:8.0f} tok/s   HF generate {hf_tps:8.0f} tok/s   "
+          f"ratio {sample_ratio:5.2f} (goal >= 1.0)")
+    print(f"weight sync base {base_s * 1e3:7.1f} ms  delta {delta_s * 1e3:7.1f} ms   raw safetensors save+load "
+          f"{raw_s * 1e3:7.1f} ms   ratio base {base_s / raw_s:5.2f}  delta {delta_s / raw_s:5.2f} (goal <= 1.5)")
+    for k, (save, load) in med.items():
+        print(f"  {k:5}: trainer save {save * 1e3:7.1f} ms, hot load + wait {load * 1e3:7.1f} ms")
+
+
+if __name__ == "__main__":
+    main()

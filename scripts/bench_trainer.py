@@ -1,0 +1,107 @@
+"""Trainer-service overhead, measured side by side in one run (not a test; numbers depend on the machine).
+
+Prints, for local-tiny and local-small (batch 8 x 256 tokens):
+  - forward_backward throughput through the tinker SDK / a plain torch loop on the same model and batch (goal >= 0.9)
+  - forward_backward_custom step time / built-in cross_entropy step time (goal <= 1.1)
+  - delta sampler snapshot size / base snapshot size after one optimizer step
+Measurements alternate between the compared variants and report medians, because neighbours on a shared machine
+make absolute timings noisy.
+
+    python scripts/bench_trainer.py [--reps 5] [--models local-tiny local-small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TINKER_TELEMETRY", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import torch  # noqa: E402
+from tinker import types  # noqa: E402
+
+from cookbook import tinker_ext  # noqa: E402
+from cookbook.local import models  # noqa: E402
+from trainer_harness import start_trainer  # noqa: E402
+
+BATCH, LENGTH = 8, 256
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = torch.randint(0, 256, (BATCH, LENGTH + 1), generator=g)
+    return seqs
+
+
+def torch_step(model, seqs):
+    logits = model(input_ids=seqs[:, :-1]).logits
+    lp = -torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), seqs[:, 1:].reshape(-1),
+                                            reduction="none")
+    (-lp.sum()).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def dir_bytes(path: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in path.glob(pattern))
+
+
+def bench(name: str, reps: int) -> dict[str, float]:
+    seqs = batch()
+    data = [types.Datum(model_input=types.ModelInput.from_ints(s[:-1].tolist()),
+                        loss_fn_inputs={"target_tokens": s[1:].tolist()}) for s in seqs]
+    model = models.load_model(name, seed=0)
+    with tempfile.TemporaryDirectory() as root, start_trainer(Path(root), "bench", name, threads=None) as tr:
+        svc = tinker_ext.create_service_client(tr.base_url, tr.api_key)
+        tc = tinker_ext.create_training_client(svc, name)
+        custom = lambda d, lps: (-sum(lp.sum() for lp in lps), {})  # noqa: E731
+        sdk_fb = lambda: tc.forward_backward(data, "cross_entropy").result()  # noqa: E731
+        sdk_custom = lambda: tc.forward_backward_custom(data, custom).result()  # noqa: E731
+        for fn in (sdk_fb, sdk_custom, lambda: torch_step(model, seqs)):  # warm-up
+            fn()
+        t_torch, t_sdk, t_custom = [], [], []
+        for _ in range(reps):
+            t_torch.append(timed(lambda: torch_step(model, seqs)))
+            t_sdk.append(timed(sdk_fb))
+            t_custom.append(timed(sdk_custom))
+        tc.optim_step(types.AdamParams(learning_rate=0)).result()  # drop the accumulated grads
+        base = tc.save_weights_for_sampler_ext("b", "base").result()
+        tc.forward_backward(data, "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=1e-4)).result()
+        delta = tc.save_weights_for_sampler_ext("d", "delta").result()
+        base_size = dir_bytes(tr.store / "sampler" / base.snapshot_name, "*.safetensors")
+        delta_size = dir_bytes(tr.store / "sampler" / delta.snapshot_name, "delta.bin")
+    med = statistics.median
+    return {"torch_s": med(t_torch), "sdk_s": med(t_sdk), "custom_s": med(t_custom),
+            "throughput_ratio": med(t_torch) / med(t_sdk), "custom_ratio": med(t_custom) / med(t_sdk),
+            "delta_ratio": delta_size / base_size, "base_bytes": base_size, "delta_bytes": delta_size}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--models", nargs="+", default=["local-tiny", "local-small"])
+    args = p.parse_args()
+    print(f"batch {BATCH} x {LENGTH} tokens, {torch.get_num_threads()} torch threads, median of {args.reps}")
+    for name in args.models:
+        r = bench(name, args.reps)
+        print(f"{name}: fwd_bwd torch {r['torch_s'] * 1e3:.0f} ms, SDK {r['sdk_s'] * 1e3:.0f} ms "
+              f"-> SDK/torch throughput {r['throughput_ratio']:.2f} (goal >= 0.9); "
+              f"custom {r['custom_s'] * 1e3:.0f} ms -> custom/CE time {r['custom_ratio']:.2f} (goal <= 1.1); "
+              f"delta/base size {r['delta_ratio']:.2f} ({r['delta_bytes']} / {r['base_bytes']} bytes)")
+
+
+if __name__ == "__main__":
+    main()

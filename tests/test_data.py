@@ -1,0 +1,314 @@
+"""Datasets: strict reading, rendering masks, skips, preference schemas, the resumable cursor, rewards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cookbook.data import (
+    DataCursor,
+    align_to_targets,
+    datum_stats,
+    datum_tokens,
+    datum_weights_list,
+    load_dataset,
+    load_rows,
+    policy_datum,
+    render_prompt,
+    render_sft,
+    resolve_dataset,
+    stop_token_ids,
+)
+from cookbook.errors import DataError, UserError
+from cookbook.local.models import build_tokenizer
+from cookbook.preferences import SkipRow, normalize_preference_row, render_pair
+from cookbook.rewards import exact_match, load_reward_fn
+
+BAD = Path(__file__).parent / "data" / "bad"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+def trained_text(tok, datum) -> str:
+    """Decode the target tokens whose weight is > 0."""
+    targets = datum.loss_fn_inputs["target_tokens"].tolist()
+    return tok.decode([t for t, w in zip(targets, datum_weights_list(datum)) if w > 0])
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+CONV = [
+    {"role": "system", "content": "Add."},
+    {"role": "user", "content": "3+4="},
+    {"role": "assistant", "content": "7"},
+    {"role": "user", "content": "10+5="},
+    {"role": "assistant", "content": "15"},
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SFT rendering
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_sft_masks_exactly_the_assistant_tokens(tok):
+    d = render_sft({"messages": CONV}, tok, 512)
+    tokens = datum_tokens(d)
+    assert d.model_input.to_ints() == tokens[:-1]
+    assert d.loss_fn_inputs["target_tokens"].tolist() == tokens[1:]
+    assert d.loss_fn_inputs["weights"].dtype == "float32"
+    assert set(datum_weights_list(d)) == {0.0, 1.0}
+    assert trained_text(tok, d) == "7<|im_end|>15<|im_end|>"
+    # every trained position is inside an assistant turn: the rendering ends with the last trained token
+    assert tok.decode(tokens).endswith("<|im_start|>assistant\n15<|im_end|>")
+    assert datum_stats(d) == (len(tokens) - 1, len("7") + 1 + len("15") + 1)
+
+
+def test_last_assistant_message_mode(tok):
+    d = render_sft({"messages": CONV}, tok, 512, "last_assistant_message")
+    assert trained_text(tok, d) == "15<|im_end|>"
+
+
+@pytest.mark.parametrize("override, mode, expected", [
+    ({"weight": 0}, "all_assistant_messages", "15<|im_end|>"),
+    ({"trainable": False}, "all_assistant_messages", "15<|im_end|>"),
+    ({"trainable": True}, "last_assistant_message", "7<|im_end|>15<|im_end|>"),
+    ({"weight": 1}, "last_assistant_message", "7<|im_end|>15<|im_end|>"),
+])
+def test_per_message_weight_and_trainable_override(tok, override, mode, expected):
+    msgs = [dict(m) for m in CONV]
+    msgs[2].update(override)
+    assert trained_text(tok, render_sft({"messages": msgs}, tok, 512, mode)) == expected
+
+
+def test_nothing_trainable_and_too_long_are_skipped(tok):
+    msgs = [dict(m) for m in CONV]
+    msgs[2]["weight"] = 0
+    msgs[4]["trainable"] = False
+    assert render_sft({"messages": msgs}, tok, 512) is None
+    assert render_sft({"messages": CONV}, tok, 20) is None
+
+
+def test_template_without_generation_tags_gives_the_same_mask(tok):
+    plain = build_tokenizer()
+    plain.chat_template = (tok.chat_template.replace("{%- generation %}", "").replace("{%- endgeneration %}", ""))
+    a = render_sft({"messages": CONV}, tok, 512)
+    b = render_sft({"messages": CONV}, plain, 512)
+    assert datum_tokens(a) == datum_tokens(b) and datum_weights_list(a) == datum_weights_list(b)
+
+
+def test_over_length_rows_skipped_and_counted(tok, tmp_path):
+    short = {"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]}
+    long = {"messages": [{"role": "user", "content": "9" * 80}, {"role": "assistant", "content": "2"}]}
+    none = {"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2", "weight": 0}]}
+    path = write_jsonl(tmp_path / "mix.jsonl", [short, long, short, none, long])
+    ds = load_dataset(str(path), "sft", tok, max_seq_len=40)
+    assert ds.skipped == {"too_long": 2, "nothing_to_train": 1}
+    assert ds.valid == [True, False, True, False, False]
+    assert ds.num_items == 2 and ds.num_loss_tokens == 4
+
+
+def test_all_rows_over_length_is_a_data_error(tok):
+    with pytest.raises(DataError, match=r"No trainable rows in .*all_too_long\.jsonl.*too_long: 3") as e:
+        load_dataset(str(BAD / "all_too_long.jsonl"), "sft", tok, max_seq_len=512)
+    assert "max_seq_len" in str(e.value)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, kind, line, words", [
+    ("malformed_json.jsonl", "sft", 3, "malformed JSON"),
+    ("missing_messages.jsonl", "sft", 2, "missing `messages`"),
+    ("wrong_role.jsonl", "sft", 3, "role 'bot'"),
+    ("content_not_string.jsonl", "sft", 2, "must be a string"),
+    ("bad_preference.jsonl", "preference", 2, "no preference schema"),
+])
+def test_bad_file_names_file_and_line(name, kind, line, words):
+    with pytest.raises(DataError) as e:
+        load_rows(BAD / name, kind)
+    msg = str(e.value)
+    assert f"{name}:{line}:" in msg and words in msg and "Fix:" in msg
+
+
+def test_empty_file():
+    with pytest.raises(DataError, match=r"No rows in .*empty\.jsonl.*Fix:"):
+        load_rows(BAD / "empty.jsonl", "sft")
+
+
+def test_resolve_dataset(tmp_path):
+    assert resolve_dataset("bundled:sft_arith_train").name == "sft_arith_train.jsonl"
+    with pytest.raises(DataError, match="bundled:sft_arith_train"):
+        resolve_dataset("bundled:nope")
+    with pytest.raises(DataError, match=r"missing\.jsonl does not exist.*Fix:"):
+        resolve_dataset(str(tmp_path / "missing.jsonl"))
+
+
+def test_bundled_datasets_load(tok):
+    for name, kind in [("sft_arith_eval", "sft"), ("grpo_arith_train", "grpo"), ("grpo_arith_eval", "grpo"),
+                       ("pref_train", "preference"), ("pref_eval", "preference")]:
+        ds = load_dataset(f"bundled:{name}", kind, tok, 512, max_completion_tokens=8)
+        assert ds.num_items == len(ds) and not ds.skipped
+        assert resolve_dataset(f"bundled:{name}").stat().st_size < 200_000
+    rows = load_rows(resolve_dataset("bundled:grpo_arith_train"), "grpo")
+    assert all(exact_match(r["ground_truth"], r) == 1.0 for r in rows)
+    schemas = {("chosen" in r) * "a" + ("samples" in r) * "b" + ("input" in r) * "c"
+               for r in load_rows(resolve_dataset("bundled:pref_train"), "preference")}
+    assert schemas == {"a", "b", "c"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GRPO
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_grpo_prompt_and_policy_datum(tok):
+    prompt = render_prompt(CONV, tok)  # trailing assistant turn stripped
+    assert tok.decode(prompt).endswith("<|im_start|>user\n10+5=<|im_end|>\n<|im_start|>assistant\n")
+    stops = stop_token_ids(tok)
+    assert stops == [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
+    completion = tok.encode("15", add_special_tokens=False) + [stops[0]]
+    d = policy_datum(prompt, completion)
+    assert datum_tokens(d) == prompt + completion
+    assert trained_text(tok, d) == "15<|im_end|>"
+    aligned = align_to_targets(len(prompt), [-0.1, -0.2, -0.3])
+    assert len(aligned) == d.model_input.length and aligned[-3:] == [-0.1, -0.2, -0.3]
+
+
+def test_grpo_dataset_skips_prompts_without_room(tok, tmp_path):
+    rows = [{"messages": [{"role": "user", "content": "1+1="}], "ground_truth": "2"},
+            {"messages": [{"role": "user", "content": "x" * 60}], "ground_truth": "2"}]
+    ds = load_dataset(str(write_jsonl(tmp_path / "g.jsonl", rows)), "grpo", tok, 40, max_completion_tokens=8)
+    assert ds.valid == [True, False] and ds.skipped == {"too_long": 1}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Preferences
+# ----------------------------------------------------------------------------------------------------------------
+
+PROMPT = [{"role": "user", "content": "3+4="}]
+GOOD = {"role": "assistant", "content": "7"}
+WRONG = {"role": "assistant", "content": "12"}
+
+
+@pytest.mark.parametrize("row", [
+    {"chosen": {"messages": PROMPT + [GOOD]}, "rejected": {"messages": PROMPT + [WRONG]}},
+    {"prompt": "3+4=", "chosen": "7", "rejected": "12"},
+    {"samples": [{"messages": PROMPT + [WRONG], "evals": {"score": 0.0}}, {"messages": PROMPT + [GOOD], "score": 1.0}]},
+    {"input": "3+4=", "preferred_output": [GOOD], "non_preferred_output": [WRONG]},
+    {"input": {"messages": PROMPT}, "preferred_output": GOOD, "non_preferred_output": "12"},
+])
+def test_preference_schemas_normalize_to_the_same_pair(row):
+    assert normalize_preference_row(row, "f.jsonl:1") == (PROMPT + [GOOD], PROMPT + [WRONG])
+
+
+def test_preference_errors_and_skips():
+    with pytest.raises(DataError, match=r"f\.jsonl:4: has `chosen` but no `rejected`"):
+        normalize_preference_row({"chosen": "a"}, "f.jsonl:4")
+    with pytest.raises(DataError, match=r"f\.jsonl:5: .*no preference schema"):
+        normalize_preference_row({"question": "a"}, "f.jsonl:5")
+    with pytest.raises(DataError, match=r"f\.jsonl:6: .*score"):
+        normalize_preference_row({"samples": [{"text": "a"}, {"text": "b"}]}, "f.jsonl:6")
+    with pytest.raises(SkipRow):
+        normalize_preference_row({"samples": [{"text": "a", "score": 1}, {"text": "b", "score": 1}]}, "f:1")
+
+
+def test_render_pair_masks_only_the_response(tok):
+    c, r = render_pair(PROMPT + [GOOD], PROMPT + [WRONG], tok, 512)
+    assert trained_text(tok, c) == "7<|im_end|>" and trained_text(tok, r) == "12<|im_end|>"
+    # a shared earlier assistant turn is context, not response
+    history = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]
+    c, r = render_pair(history + PROMPT + [GOOD], history + PROMPT + [WRONG], tok, 512)
+    assert trained_text(tok, c) == "7<|im_end|>" and trained_text(tok, r) == "12<|im_end|>"
+    # raw text: the tokens after the common prefix
+    c, r = render_pair("3+4=7", "3+4=12", tok, 512)
+    assert trained_text(tok, c) == "7" and trained_text(tok, r) == "12"
+    assert render_pair(PROMPT + [GOOD], PROMPT + [WRONG], tok, 10) is None
+    assert render_pair(PROMPT + [GOOD], PROMPT + [GOOD], tok, 512) is None
+
+
+def test_preference_dataset_counts_skips(tok, tmp_path):
+    rows = [{"chosen": {"messages": PROMPT + [GOOD]}, "rejected": {"messages": PROMPT + [WRONG]}},
+            {"samples": [{"text": "a", "score": 1}, {"text": "b", "score": 1}]},
+            {"prompt": "9" * 100, "chosen": "1", "rejected": "2"}]
+    ds = load_dataset(str(write_jsonl(tmp_path / "p.jsonl", rows)), "preference", tok, 60)
+    assert ds.valid == [True, False, False] and ds.skipped == {"tied_scores": 1, "too_long": 1}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cursor
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def drain(cursor: DataCursor, n: int):
+    out = []
+    while True:
+        b = cursor.next_batch(n)
+        if not b.indices:
+            return out
+        out.append((b.indices, b.epoch, cursor.position))
+
+
+@pytest.mark.parametrize("valid", [None, [i % 3 != 1 for i in range(11)]])
+def test_cursor_resume_yields_the_uninterrupted_sequence(valid):
+    kw = dict(num_rows=11, epochs=3, shuffle=True, seed=5, valid=valid)
+    full = drain(DataCursor(**kw), 4)
+    for cut in range(len(full) + 1):
+        first = DataCursor(**kw)
+        head = [(b.indices, b.epoch, first.position) for b in (first.next_batch(4) for _ in range(cut))]
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = DataCursor(**kw)
+        resumed.load_state_dict(state)
+        assert head + drain(resumed, 4) == full, cut
+    # every epoch visits each usable row once, batches never span epochs, orders differ between epochs
+    for e in range(3):
+        rows = [i for idx, ep, _ in full if ep == e for i in idx]
+        assert sorted(rows) == [i for i in range(11) if valid is None or valid[i]]
+    orders = [[i for idx, ep, _ in full if ep == e for i in idx] for e in range(3)]
+    assert orders[0] != orders[1]
+    assert full[-1][2] == 33  # position counts raw rows, skipped ones included
+
+
+def test_cursor_position_counts_skipped_rows_and_validates_state():
+    c = DataCursor(6, epochs=1, shuffle=False, valid=[True, False, False, True, True, True])
+    assert c.next_batch(2) == ([0, 3], 0) and c.position == 4
+    assert c.count_batches(2) == 1 and c.position == 4
+    with pytest.raises(DataError, match="seed"):
+        DataCursor(6, seed=1).load_state_dict(DataCursor(6, seed=2).state_dict())
+    more = DataCursor(6, epochs=2)
+    more.load_state_dict({**DataCursor(6, epochs=1).state_dict(), "position": 6})  # extending epochs is fine
+    assert more.epoch == 1 and len(more.next_batch(10).indices) == 6 and more.exhausted
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rewards
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_exact_match():
+    row = {"ground_truth": 7}
+    assert exact_match(" 7 ", row) == 1.0
+    assert exact_match("7<|im_end|>junk", row) == 1.0
+    assert exact_match("77", row) == 0.0
+    with pytest.raises(UserError, match="ground_truth"):
+        exact_match("7", {})
+
+
+def test_load_reward_fn():
+    assert load_reward_fn("cookbook.rewards:exact_match") is exact_match
+    for spec, words in [("nocolon", "import path"), ("no_such_mod_xyz:f", "cannot import"),
+                        ("cookbook.rewards:nope", "no attribute"), ("cookbook.rewards:END_OF_TURN", "not a function"),
+                        ("cookbook.rewards:load_reward_fn", "two arguments")]:
+        with pytest.raises(UserError, match="recipe.reward_fn") as e:
+            load_reward_fn(spec)
+        assert words in str(e.value)

@@ -1,0 +1,81 @@
+"""Lifecycle of the embedded platform: no process outlives the driver, however the driver ends.
+
+Each case runs a small driver in a subprocess that opens `launchers.local.launch` (control plane + trainer job
+[+ deployment]), reports the pids it started, then exits normally, raises, gets SIGINT or gets SIGKILL. The test then
+scans /proc for any process whose command line names the run's platform root.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from cookbook.local.platform import find_pids
+from tests.conftest import REPO
+
+DRIVER = textwrap.dedent("""
+    import sys, time
+    from cookbook.local.platform import find_pids
+    from launchers.local import launch
+    from tests.platform_harness import run_config
+
+    log_path, mode, deployment = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    with launch(run_config(log_path), needs_reference=False, needs_deployment=deployment, log=lambda m: None) as s:
+        print("READY", *find_pids(log_path), flush=True)
+        if mode == "exception":
+            raise RuntimeError("driver failed on purpose")
+        if mode == "wait":
+            time.sleep(600)
+    print("CLEAN EXIT", flush=True)
+""")
+
+
+def _start_driver(tmp_path, mode: str, deployment: bool):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), mode, "1" if deployment else "0"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if not line.startswith("READY"):
+        proc.kill()
+        pytest.fail(f"driver did not get ready: {line!r}\n{proc.stderr.read()[-3000:]}")
+    pids = [int(p) for p in line.split()[1:]]
+    return proc, pids
+
+
+def _assert_all_gone(root, pids, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        left = find_pids(str(root))
+        if not left:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"processes left behind: {left} (started: {pids})")
+
+
+@pytest.mark.parametrize("mode,deployment,expected_rc", [("normal", False, 0), ("exception", False, 1)])
+def test_no_leftovers_after_exit_or_exception(tmp_path, mode, deployment, expected_rc):
+    proc, pids = _start_driver(tmp_path, mode, deployment)
+    assert len(pids) >= 2  # control plane + trainer
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == expected_rc, err[-2000:]
+    if mode == "exception":
+        assert "driver failed on purpose" in err
+    else:
+        assert "CLEAN EXIT" in out
+    _assert_all_gone(tmp_path, pids)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+def test_no_leftovers_after_ctrl_c_or_sigkill(tmp_path, sig):
+    proc, pids = _start_driver(tmp_path, "wait", True)
+    assert len(pids) >= 3  # control plane + trainer + deployment
+    proc.send_signal(sig)
+    proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    _assert_all_gone(tmp_path, pids)
