@@ -199,7 +199,7 @@ class SFTConfig(RecipeConfig):
     eval_dataset: Optional[str] = "bundled:sft_arith_eval"
     learning_rate: float = 3e-3
     batch_size: int = 64
-    epochs: int = 3
+    epochs: int = 16
     grad_accumulation_normalization: Optional[str] = None
     # Which turns carry loss: all_assistant_messages | last_assistant_message (per-message weight/trainable win).
     train_on_what: str = "all_assistant_messages"
@@ -220,9 +220,12 @@ class GRPOConfig(RecipeConfig):
     eval_dataset: Optional[str] = "bundled:grpo_arith_eval"
     learning_rate: float = 3e-4
     batch_size: int = 16  # prompts (groups) per optimizer step
-    epochs: int = 40
+    epochs: int = 16
     grad_clip_norm: float = 1.0
     grad_accumulation_normalization: Optional[str] = "num_loss_tokens"
+    # A byte-vocabulary model from random init almost never earns a reward: start from this project's SFT warm start
+    # (built on first use for the embedded models; ignored with a notice for others).
+    init_from: Optional[str] = "warmstart:arith"
     group_size: int = 8  # completions sampled per prompt (>= 2: advantages are relative within a group)
     max_completion_tokens: int = 8
     temperature: float = 1.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,18 @@ def _clean(value: Any) -> Any:
     return value
 
 
+# What a stdout line shows (every metric goes to metrics.jsonl and W&B).
+ECHO_KEYS = ("loss", "reward", "accuracy", "exact_match", "margin", "train/lr")
+ECHO_EVERY_S = 5.0
+
+
 class MetricsLogger:
     def __init__(self, log_path: Path, wandb_cfg: WandBConfig, run_name: str, config: dict[str, Any],
                  echo: bool = True):
         self.path = Path(log_path) / "metrics.jsonl"
         self.echo = echo
         self.last: dict[str, Any] = {}
+        self._echoed_at = 0.0
         self._wandb = None
         mode = wandb_mode(wandb_cfg)
         if mode != "disabled":
@@ -53,11 +60,14 @@ class MetricsLogger:
         record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         append_jsonl(self.path, record)
         self.last.update(record)
-        if self.echo:
+        # One line per few seconds (and every evaluation) keeps the console readable next to the progress bar.
+        now = time.monotonic()
+        if self.echo and (now - self._echoed_at >= ECHO_EVERY_S or any(k.startswith("eval/") for k in record)):
             from tqdm import tqdm
 
-            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in record.items() if not k.startswith("perf/"))
+            self._echoed_at = now
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+                             if k == "step" or any(part in k for part in ECHO_KEYS))
             tqdm.write(shown)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if v is not None}, step=step)

@@ -25,7 +25,7 @@ from cookbook.errors import UserError
 # something left to learn.
 WARMSTART_TASKS = {
     "arith": ["recipe.dataset=bundled:sft_arith_train", "recipe.eval_dataset=null", "recipe.batch_size=64",
-              "recipe.learning_rate=3e-3", "max_steps=12"],
+              "recipe.learning_rate=3e-3", "max_steps=250"],
 }
 
 
@@ -83,7 +83,7 @@ def ensure_warmstart(base_model: str, task: str, seed: int) -> Path:
     shutil.rmtree(work, ignore_errors=True)
     print(f"[warmstart] building {target.name} with the SFT recipe (first use only) ...", file=sys.stderr)
     cmd = [sys.executable, "-m", "cookbook.train", "+recipe=sft", f"base_model={base_model}", f"seed={seed}",
-           f"log_path={work / 'run'}", "recipe.output_model_id=warmstart", *WARMSTART_TASKS[task]]
+           f"log_path={work / 'run'}", f"recipe.output_model_id=warmstart-{os.getpid()}", *WARMSTART_TASKS[task]]
     result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"building the warm start failed (exit {result.returncode}):\n{result.stdout[-3000:]}")
@@ -94,6 +94,11 @@ def ensure_warmstart(base_model: str, task: str, seed: int) -> Path:
         raise RuntimeError(f"the warm-start SFT run did not produce a model directory (got '{promoted}')")
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copytree(promoted, work / "model")
-    os.replace(work / "model", target)  # atomic: a half-built warm start is never picked up
+    try:
+        os.replace(work / "model", target)  # atomic: a half-built warm start is never picked up
+    except OSError:
+        if not (target / "config.json").exists():  # not a parallel build that finished first
+            raise
     shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(promoted, ignore_errors=True)
     return target

@@ -81,7 +81,7 @@ class WeightSyncer:
         identity, ctype = self.save_only(name, checkpoint_type)
         self.hotload(identity, ctype)
         self.last_sync_seconds = time.perf_counter() - start
-        log.info("weight sync %s (%s) took %.2fs", identity, ctype, self.last_sync_seconds)
+        log.debug("weight sync %s (%s) took %.2fs", identity, ctype, self.last_sync_seconds)
         return identity
 
     def reset_delta_chain(self) -> None:

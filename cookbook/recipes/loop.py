@@ -163,8 +163,9 @@ class TrainingLoop:
         final["final_checkpoint"] = record["name"]
         if self.cfg.output_model_id:
             model = promote(self.session, record, self.cfg.output_model_id)
-            final["promoted_model"] = str(model)
-            tqdm.write(f"[{self.recipe}] promoted {record['name']} as {model}")
+            # Locally the promoted model is a directory; on Fireworks it is a model resource name.
+            final["promoted_model"] = model.get("localPath") or model.get("name")
+            tqdm.write(f"[{self.recipe}] promoted {record['name']} as {final['promoted_model']}")
         return final
 
 
