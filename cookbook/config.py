@@ -259,13 +259,19 @@ class GRPOConfig(RecipeConfig):
 
 
 @dataclass
-class DPOConfig(RecipeConfig):
+class PreferenceConfig(RecipeConfig):
+    """Defaults shared by the preference-pair recipes (DPO, ORPO)."""
+
     dataset: str = "bundled:pref_train"
     eval_dataset: Optional[str] = "bundled:pref_eval"
     learning_rate: float = 1e-3
     batch_size: int = 16
     epochs: int = 4
     grad_accumulation_normalization: Optional[str] = None
+
+
+@dataclass
+class DPOConfig(PreferenceConfig):
     beta: float = 0.1
 
     def __post_init__(self) -> None:
@@ -279,13 +285,7 @@ class DPOConfig(RecipeConfig):
 
 
 @dataclass
-class ORPOConfig(RecipeConfig):
-    dataset: str = "bundled:pref_train"
-    eval_dataset: Optional[str] = "bundled:pref_eval"
-    learning_rate: float = 1e-3
-    batch_size: int = 16
-    epochs: int = 4
-    grad_accumulation_normalization: Optional[str] = None
+class ORPOConfig(PreferenceConfig):
     orpo_lambda: float = 1.0
 
     def __post_init__(self) -> None:

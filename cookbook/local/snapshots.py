@@ -4,8 +4,10 @@ A snapshot is a directory `<store>/sampler/<identity>/` with a `snapshot.json` m
 
 - `base`: a normal HF-loadable model directory (safetensors + config + tokenizer), so the same directory is also
   what promotion copies. `{"kind": "base", "identity": ...}`.
-- `delta`: only the tensors that changed since the previous snapshot, stored as the XOR of the fp32 bit patterns
-  (unchanged high bits become zero bytes, which zlib compresses well) in one `delta.bin`. The manifest names the
+- `delta`: only the tensors that changed since the previous snapshot, stored as the XOR of the bit patterns in one
+  `delta.bin`. The XOR bytes are split into byte planes (every element's byte 0, then byte 1, ...) before zlib:
+  a small update leaves the sign/exponent bytes unchanged, so those planes are runs of zeros that compress to
+  almost nothing, where interleaved bytes barely compress at all. The manifest names the
   predecessor (`previous_snapshot_identity`), each tensor's byte range, dtype/shape and an adler32 checksum of the
   reconstructed tensor, so applying a delta onto the wrong weights fails loudly instead of silently.
 
@@ -28,7 +30,7 @@ import torch
 
 MANIFEST = "snapshot.json"
 DELTA_FILE = "delta.bin"
-_COMPRESSION = "xor-zlib-v1"
+_COMPRESSION = "xor-byteplanes-zlib-v2"
 
 
 class SnapshotMismatch(Exception):
@@ -110,9 +112,10 @@ def write_delta(directory, state: dict[str, torch.Tensor], previous_state: dict[
                     raise ValueError(f"tensor {name} changed shape/dtype; write a base snapshot instead")
                 if torch.equal(new, old):
                     continue  # unchanged tensors are omitted entirely
-                a = new.detach().contiguous().view(torch.uint8)
-                b = old.detach().contiguous().view(torch.uint8)
-                blob = zlib.compress(torch.bitwise_xor(a, b).numpy().tobytes(), 1)
+                a = new.detach().contiguous().view(torch.uint8).reshape(-1, new.element_size())
+                b = old.detach().contiguous().view(torch.uint8).reshape(-1, new.element_size())
+                planes = torch.bitwise_xor(a, b).t().contiguous()  # [bytes per element, elements]
+                blob = zlib.compress(planes.numpy().tobytes(), 1)
                 f.write(blob)
                 tensors[name] = {"offset": offset, "length": len(blob), "dtype": str(new.dtype).removeprefix("torch."),
                                  "shape": list(new.shape), "checksum": _checksum(new)}
@@ -168,7 +171,9 @@ def apply_snapshot(directory, current_state: dict[str, torch.Tensor] | None,
         diff = torch.frombuffer(bytearray(xor), dtype=torch.uint8)
         if diff.numel() != old.numel() * old.element_size():
             raise SnapshotMismatch(f"delta for {name!r} has the wrong size")
-        new = torch.bitwise_xor(old.view(torch.uint8).reshape(-1), diff).view(old.dtype).reshape(old.shape)
+        diff = diff.reshape(old.element_size(), -1).t()  # byte planes back to per-element bytes
+        new = torch.bitwise_xor(old.view(torch.uint8).reshape(-1, old.element_size()), diff)
+        new = new.reshape(-1).view(old.dtype).reshape(old.shape)
         if _checksum(new) != info["checksum"]:
             raise SnapshotMismatch(f"checksum mismatch for {name!r} in delta {manifest['identity']!r}")
         out[name] = new

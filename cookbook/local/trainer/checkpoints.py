@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from cookbook.faults import crash_point
 from cookbook.local import snapshots
 from cookbook.local.trainer.engine import TrainModel
 from cookbook.local.trainer.losses import UserRequestError
@@ -91,6 +92,7 @@ class Store:
                 else:
                     state = {"model": {k: v for k, v in m.model.state_dict().items()}}
                 dcp.save(state, checkpoint_id=str(tmp))
+            crash_point("mid_dcp_save")
             meta = {"step": m.step, "base_model": m.base_model, "lora_rank": m.lora_rank if m.is_lora else 0,
                     "lora_alpha": m.lora_alpha, "has_optimizer": has_opt, "job_id": self.job_id, "name": name,
                     "seed": m.seed, **m.train_flags}
