@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,8 @@ def _init_wandb(log_path: Path, cfg: WandBConfig, mode: str, run_name: str, conf
     import wandb
 
     id_file = log_path / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    # Our own id (wandb.util.generate_id is gone from wandb >= 0.2x): 8 lowercase hex characters, a valid W&B id.
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)
     return wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.run_name or run_name, id=run_id,
                       resume="allow", mode=mode, dir=str(log_path), config=config,

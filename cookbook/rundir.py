@@ -38,8 +38,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """Append one JSON line with a single O_APPEND write + fsync: a crash leaves either the whole line or none."""
     line = (redact(json.dumps(record, default=str, allow_nan=False)) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        # After a torn last line (no newline) start on a fresh line, or this record would be glued onto the torn
+        # one and be unreadable too.
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
         os.write(fd, line)
         os.fsync(fd)
     finally:

@@ -34,6 +34,10 @@ def main() -> None:
 
     try:
         _hydra_main()
+    except KeyboardInterrupt:
+        # The launcher has already stopped every platform process; the status file says "cancelled".
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     finally:
         # Hydra skips on_multirun_end when a job raised; finish() then writes the summary (no-op otherwise).
         failed = sweep.finish()

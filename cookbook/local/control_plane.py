@@ -241,6 +241,13 @@ class ControlPlane:
         if job is None:
             return _error(404, f"rlorTrainerJob {request.path_params['job_id']} not found")
         if job.port is None:
+            if job.record["state"] == "JOB_STATE_FAILED":
+                # Terminal until someone resumes the job: answer with a status the tinker SDK does not retry (it
+                # retries every 5xx, so a 503 here kept a driver whose trainer died polling until its timeout).
+                resp = _error(409, f"trainer job {job.id} is {job.record['state']}: "
+                                   f"{job.record.get('statusMessage', '')[-500:]}")
+                resp.headers["x-should-retry"] = "false"
+                return resp
             return _error(503, f"trainer job {job.id} is {job.record['state']}")
         return await self._proxy(request, f"http://127.0.0.1:{job.port}/api/v1/{request.path_params['rest']}")
 
