@@ -6,8 +6,6 @@ One module-scoped platform with one policy trainer job and one deployment; tests
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import httpx
 import pytest

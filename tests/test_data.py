@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from cookbook.cursor import DataCursor
 from cookbook.data import (
-    DataCursor,
     align_to_targets,
     datum_stats,
     datum_tokens,

@@ -306,7 +306,6 @@ def test_resume_from_named_checkpoint_of_this_run(sft_reference, tmp_path):
 
 
 def test_torn_last_index_line_does_not_break_resume(sft_reference, tmp_path):
-    n = STEPS["sft"]
     run = copy_run(sft_reference, tmp_path / "run", keep_checkpoints=2)  # step-2, step-4
     last = (run / "checkpoints.jsonl").read_text().splitlines()[-1]
     with open(run / "checkpoints.jsonl", "a") as f:  # a crash in the middle of an append
@@ -333,7 +332,8 @@ def test_promoted_model_loads_generates_and_matches_the_trainer(sft_reference, t
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cookbook.data import DataCursor, load_dataset
+    from cookbook.cursor import DataCursor
+    from cookbook.data import load_dataset
 
     n = STEPS["sft"]
     status = json.loads((sft_reference / "status.json").read_text())

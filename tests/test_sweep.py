@@ -6,13 +6,11 @@ one sequential 3-job sweep and its rerun; joblib and submitit runs are marked sl
 
 import json
 import os
-import re
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from omegaconf import OmegaConf
 
 from conftest import run_cli
 from cookbook import sweep

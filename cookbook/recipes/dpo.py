@@ -12,7 +12,8 @@ from typing import Any
 from tqdm import tqdm
 
 from cookbook.config import DPOConfig, RunConfig
-from cookbook.data import DataCursor, load_dataset
+from cookbook.cursor import DataCursor
+from cookbook.data import load_dataset
 from cookbook.losses import dpo_loss_fn
 from cookbook.metrics import MetricsLogger
 from cookbook.recipes.evals import preference_eval, sequence_logprobs

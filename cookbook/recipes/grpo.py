@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from cookbook.config import GRPOConfig, RunConfig
-from cookbook.data import DataCursor, align_to_targets, load_dataset, policy_datum, stop_token_ids
+from cookbook.cursor import DataCursor
+from cookbook.data import align_to_targets, load_dataset, policy_datum, stop_token_ids
 from cookbook.losses import grpo_loss_fn, group_advantages
 from cookbook.metrics import MetricsLogger
 from cookbook.recipes.evals import exact_match_eval

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from cookbook.checkpoints import Checkpointer, promote, read_index
 from cookbook.config import RunConfig
-from cookbook.data import Batch, DataCursor
+from cookbook.cursor import Batch, DataCursor
 from cookbook.metrics import MetricsLogger
 from cookbook.warmstart import plan_init
 from cookbook.weight_sync import should_sync

@@ -10,7 +10,8 @@ from typing import Any
 from tqdm import tqdm
 
 from cookbook.config import ORPOConfig, RunConfig
-from cookbook.data import DataCursor, load_dataset
+from cookbook.cursor import DataCursor
+from cookbook.data import load_dataset
 from cookbook.losses import orpo_loss_fn
 from cookbook.metrics import MetricsLogger
 from cookbook.recipes.evals import preference_eval

@@ -11,7 +11,8 @@ from typing import Any
 from tqdm import tqdm
 
 from cookbook.config import RunConfig, SFTConfig
-from cookbook.data import DataCursor, load_dataset
+from cookbook.cursor import DataCursor
+from cookbook.data import load_dataset
 from cookbook.losses import scale_weights_for_builtin_ce
 from cookbook.metrics import MetricsLogger
 from cookbook.recipes.evals import exact_match_eval
