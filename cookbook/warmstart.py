@@ -49,7 +49,7 @@ def plan_init(init_from: Optional[str], base_model: str, seed: int) -> InitPlan:
         if not is_embedded(base_model):
             return InitPlan(base_model, note=f"{init_from} exists only for the embedded models; starting from "
                                              f"{base_model} as is")
-        return InitPlan(str(ensure_warmstart(base_model, task, seed)), note=f"warm start {init_from}")
+        return InitPlan(str(ensure_warmstart(base_model, task)), note=f"warm start {init_from}")
     if Path(init_from).is_dir():
         if not (Path(init_from) / "config.json").exists():
             raise UserError(f"recipe.init_from={init_from} is a directory without config.json, so it is not an HF "
@@ -68,21 +68,26 @@ def plan_init(init_from: Optional[str], base_model: str, seed: int) -> InitPlan:
                     f"warmstart:<task>. Fix: use one of those forms, or null for the base model.")
 
 
-def warmstart_dir(base_model: str, task: str, seed: int) -> Path:
+def warmstart_dir(base_model: str, task: str) -> Path:
+    """Cache location; the name carries a digest of the build settings, so changing them builds a new one."""
+    import hashlib
+
     from cookbook.local.platform_root import storage_root
 
-    return storage_root() / "warmstart" / f"{base_model}-{task}-seed{seed}"
+    digest = hashlib.sha1(" ".join([base_model, *WARMSTART_TASKS[task]]).encode()).hexdigest()[:8]
+    return storage_root() / "warmstart" / f"{base_model}-{task}-{digest}"
 
 
-def ensure_warmstart(base_model: str, task: str, seed: int) -> Path:
-    """The cached warm-start model, built with this project's SFT recipe the first time it is needed."""
-    target = warmstart_dir(base_model, task, seed)
+def ensure_warmstart(base_model: str, task: str) -> Path:
+    """The cached warm-start model, built with this project's SFT recipe the first time it is needed. It is one
+    fixed artifact per (model, task) — built with seed 0 whatever the run's seed — like a shipped checkpoint."""
+    target = warmstart_dir(base_model, task)
     if (target / "config.json").exists():
         return target
     work = target.with_name(target.name + f".building-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     print(f"[warmstart] building {target.name} with the SFT recipe (first use only) ...", file=sys.stderr)
-    cmd = [sys.executable, "-m", "cookbook.train", "+recipe=sft", f"base_model={base_model}", f"seed={seed}",
+    cmd = [sys.executable, "-m", "cookbook.train", "+recipe=sft", f"base_model={base_model}", "seed=0",
            f"log_path={work / 'run'}", f"recipe.output_model_id=warmstart-{os.getpid()}", *WARMSTART_TASKS[task]]
     result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if result.returncode != 0:

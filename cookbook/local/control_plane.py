@@ -61,6 +61,14 @@ class Child:
     watcher: asyncio.Task | None = field(default=None, repr=False)
 
 
+def torch_threads() -> str:
+    """CPU threads per trainer / deployment process. The driver, a trainer and a deployment share the machine:
+    with torch's default (all cores each) they oversubscribe it, and on 2 cores a busy neighbour made 2-thread steps
+    3-30x slower than 1-thread ones (the embedded models are small, so one thread loses little when idle).
+    COOKBOOK_TORCH_THREADS overrides; 0 = torch's default."""
+    return os.environ.get("COOKBOOK_TORCH_THREADS", "1")
+
+
 class ControlPlane:
     def __init__(self, root: Path, api_key: str, storage: Path | None = None):
         self.root = root  # this platform's own state: port files and child logs
@@ -121,14 +129,13 @@ class ControlPlane:
                          "--parent-pid", str(os.getpid()))
         if cfg.get("maxContextLength"):
             cmd += ["--max-context-length", str(int(cfg["maxContextLength"]))]
-        return cmd
+        return cmd + ["--threads", torch_threads()]
 
     def _deployment_cmd(self, dep: Child) -> list[str]:
         cmd = python_cmd("cookbook.local.deployment", "--port-file",
                          str(self.root / "run" / f"deployment-{dep.id}.port"),
                          "--base-model", dep.record["baseModel"], "--parent-pid", str(os.getpid()))
-        threads = os.environ.get("COOKBOOK_DEPLOYMENT_THREADS")
-        return cmd + (["--threads", threads] if threads else [])
+        return cmd + ["--threads", torch_threads()]
 
     def _key_env(self) -> dict[str, str]:
         # The deployment reads the key from the environment, which (unlike argv) other users cannot see in `ps`.

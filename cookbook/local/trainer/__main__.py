@@ -28,6 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parent-pid", type=int)
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     return p.parse_args(argv)
 
 
@@ -49,6 +50,11 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from cookbook.local import models
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from cookbook.local.trainer.app import TrainerService, build_app
     from cookbook.local.trainer.checkpoints import Store
 
