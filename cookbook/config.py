@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 from omegaconf import MISSING
 
@@ -124,6 +124,7 @@ class WandBConfig:
 
 @dataclass
 class RecipeConfig:
+    DATA_KIND: ClassVar[str] = "sft"  # row schema of `dataset` / `eval_dataset` (sft | grpo | preference)
     # Dataset: a JSONL path, or `bundled:<name>` for the toy data shipped in the package.
     dataset: str = MISSING
     # Held-out rows for the evaluation hook (same schema); None = no evaluation.
@@ -216,6 +217,7 @@ class SFTConfig(RecipeConfig):
 
 @dataclass
 class GRPOConfig(RecipeConfig):
+    DATA_KIND: ClassVar[str] = "grpo"
     dataset: str = "bundled:grpo_arith_train"
     eval_dataset: Optional[str] = "bundled:grpo_arith_eval"
     learning_rate: float = 3e-4
@@ -261,6 +263,8 @@ class GRPOConfig(RecipeConfig):
 @dataclass
 class PreferenceConfig(RecipeConfig):
     """Defaults shared by the preference-pair recipes (DPO, ORPO)."""
+
+    DATA_KIND: ClassVar[str] = "preference"
 
     dataset: str = "bundled:pref_train"
     eval_dataset: Optional[str] = "bundled:pref_eval"

@@ -71,6 +71,7 @@ def execute(run: RunConfig, recipe: str, logger: MetricsLogger) -> dict[str, Any
 
     launcher = importlib.import_module(f"launchers.{run.infra.launcher}")
     module = importlib.import_module(f"cookbook.recipes.{recipe}")
+    check_inputs(run)  # fail fast on bad data or a bad reward path, before any trainer or deployment starts
     init = plan_init(run.recipe.init_from, run.base_model, run.seed)
     if init.note:
         print(f"[{recipe}] {init.note}", file=sys.stderr)
@@ -80,6 +81,18 @@ def execute(run: RunConfig, recipe: str, logger: MetricsLogger) -> dict[str, Any
     with launcher.launch(provisioned, needs_reference=run.recipe.needs_reference,
                          needs_deployment=run.recipe.needs_deployment) as session:
         return module.train(run, session, logger)
+
+
+def check_inputs(run: RunConfig) -> None:
+    from cookbook.data import load_rows, resolve_dataset
+
+    cfg = run.recipe
+    for spec in filter(None, (cfg.dataset, cfg.eval_dataset)):
+        load_rows(resolve_dataset(spec), cfg.DATA_KIND)
+    if hasattr(cfg, "reward_fn"):
+        from cookbook.rewards import load_reward_fn
+
+        load_reward_fn(cfg.reward_fn)
 
 
 def _final(last: dict[str, Any], result: Any) -> dict[str, Any]:
