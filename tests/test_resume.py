@@ -378,3 +378,15 @@ def test_listing_shows_every_checkpoint(sft_reference, tmp_path):
     assert "name" in out.stdout.splitlines()[0] and "size" in out.stdout.splitlines()[0]
     wrong = run_cli(str(tmp_path / "nope"), module="cookbook.checkpoints")
     assert wrong.returncode == 2 and "checkpoints.jsonl does not exist" in wrong.stderr
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path):
+    """W&B (offline here) resumes the run it started: one run id across both attempts, logged by both."""
+    run = tmp_path / "run"
+    env = {"WANDB_MODE": "offline"}
+    train("sft", run, "max_steps=2", "wandb=offline", env=env)
+    train("sft", run, "max_steps=4", "wandb=offline", env=env)
+    run_id = (run / "wandb_run_id").read_text().strip()
+    offline_runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(name.endswith(f"-{run_id}") for name in offline_runs), offline_runs
+    assert [r["step"] for r in index(run)][-1] == 4
