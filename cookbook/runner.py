@@ -72,7 +72,7 @@ def execute(run: RunConfig, recipe: str, logger: MetricsLogger) -> dict[str, Any
     launcher = importlib.import_module(f"launchers.{run.infra.launcher}")
     module = importlib.import_module(f"cookbook.recipes.{recipe}")
     check_inputs(run)  # fail fast on bad data or a bad reward path, before any trainer or deployment starts
-    init = plan_init(run.recipe.init_from, run.base_model, run.seed)
+    init = plan_init(run.recipe.init_from, run.base_model)
     if init.note:
         print(f"[{recipe}] {init.note}", file=sys.stderr)
     # The launcher provisions the starting model (the base model, or a warm start / model directory); the run's
@@ -80,6 +80,7 @@ def execute(run: RunConfig, recipe: str, logger: MetricsLogger) -> dict[str, Any
     provisioned = dataclasses.replace(run, base_model=init.base_model)
     with launcher.launch(provisioned, needs_reference=run.recipe.needs_reference,
                          needs_deployment=run.recipe.needs_deployment) as session:
+        session.init_state_path = init.state_path
         return module.train(run, session, logger)
 
 

@@ -98,6 +98,8 @@ class Session:
     deployment_id: str | None = None
     reference_job_id: str | None = None  # set only when the reference runs in its own trainer job
     platform_root: str | None = None  # local launcher only: where jobs/ and promoted models/ live
+    # A checkpoint whose weights the policy starts from on a fresh start (`recipe.init_from=<run_dir>:<name>`).
+    init_state_path: str | None = None
     _release_reference: Callable[[], None] | None = field(default=None, repr=False)
 
     def release_reference(self) -> None:

@@ -36,7 +36,7 @@ class InitPlan:
     note: Optional[str] = None
 
 
-def plan_init(init_from: Optional[str], base_model: str, seed: int) -> InitPlan:
+def plan_init(init_from: Optional[str], base_model: str) -> InitPlan:
     if not init_from:
         return InitPlan(base_model)
     if init_from.startswith("warmstart:"):

@@ -390,3 +390,15 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path):
     offline_runs = sorted(p.name for p in (run / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 2 and all(name.endswith(f"-{run_id}") for name in offline_runs), offline_runs
     assert [r["step"] for r in index(run)][-1] == 4
+
+
+def test_init_from_another_runs_checkpoint_starts_from_its_weights(sft_reference, tmp_path):
+    """`recipe.init_from=<run_dir>:<name>` loads those weights (only) into a fresh run: with no steps to take, the new
+    run's final checkpoint holds exactly the source checkpoint's weights, at step 0."""
+    n = STEPS["sft"]
+    run = tmp_path / "run"
+    train("sft", run, "max_steps=0", f"recipe.init_from={sft_reference}:step-{n}")
+    assert index(run)[-1]["step"] == 0
+    assert max_abs_diff(final_weights(run), final_weights(sft_reference)) == 0.0
+    bad = run_cli(*args("sft", tmp_path / "bad", "max_steps=0", f"recipe.init_from={sft_reference}:step-99"))
+    assert bad.returncode == 2 and "step-99" in bad.stderr and "cookbook.checkpoints" in bad.stderr, bad.stderr

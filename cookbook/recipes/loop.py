@@ -25,7 +25,6 @@ from cookbook.checkpoints import Checkpointer, promote, read_index
 from cookbook.config import RunConfig
 from cookbook.cursor import Batch, DataCursor
 from cookbook.metrics import MetricsLogger
-from cookbook.warmstart import plan_init
 from cookbook.weight_sync import should_sync
 
 Evaluate = Callable[["TrainingLoop"], dict[str, float]]
@@ -41,7 +40,7 @@ class TrainingLoop:
         self.sync_every_step = sync_every_step
         self._deployment_step: Optional[int] = None
         self.checkpointer = Checkpointer(run, session.policy, recipe)
-        point = self.checkpointer.resume(plan_init(self.cfg.init_from, run.base_model, run.seed).state_path)
+        point = self.checkpointer.resume(session.init_state_path)
         if point.cursor:
             cursor.load_state_dict(point.cursor)
         self.step = self.start_step = point.step
