@@ -93,7 +93,13 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads on both sides (the deployment gets it through COOKBOOK_TORCH_THREADS)")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)  # a fair comparison: HF generate here, the deployment process there
+    os.environ["COOKBOOK_TORCH_THREADS"] = str(args.threads)
 
     import tinker
 
