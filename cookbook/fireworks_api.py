@@ -16,6 +16,8 @@ from typing import Any, Iterable
 
 import httpx
 
+from cookbook.naming import deployment_id_for
+
 DEFAULT_BASE_URL = "https://api.fireworks.ai"
 RETRY_STATUSES = {408, 429, 500, 502, 503, 504}
 STOPPED = {"JOB_STATE_CANCELLING", "JOB_STATE_CANCELLED", "JOB_STATE_COMPLETED", "JOB_STATE_EARLY_STOPPED",
@@ -40,13 +42,6 @@ class TrainerEndpoint:
     job_id: str
     job_name: str
     max_context_length: int | None = None
-
-
-def default_deployment_id(base_model: str) -> str:
-    """`accounts/fireworks/models/qwen3-8b` -> `qwen3-8b-cookbook`; local paths use their last component."""
-    from cookbook.naming import deployment_id_for  # the one derivation, shared with dry runs
-
-    return deployment_id_for(base_model)
 
 
 def _error_text(resp: httpx.Response) -> str:
@@ -275,7 +270,7 @@ class DeploymentManager(_ControlPlaneClient):
                       description: str = "cookbook") -> dict[str, Any]:
         """Create the deployment `cfg` (a DeployConfig) describes, or return it if it already exists.
         A FAILED/DELETED deployment with that id is deleted first so the id can be reused."""
-        deployment_id = cfg.deployment_id or default_deployment_id(base_model)
+        deployment_id = cfg.deployment_id or deployment_id_for(base_model)
         existing = self.get(deployment_id)
         if existing and existing.get("state") in ("FAILED", "DELETED", "DELETING"):
             self.delete(deployment_id)

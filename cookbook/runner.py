@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cookbook.compose import recipe_name, to_run_config
 from cookbook.config import RunConfig
+from launchers import get_launcher
 from cookbook.metrics import MetricsLogger
 from cookbook.preflight import check_credentials
 from cookbook.rundir import prepare_run_dir, read_status, redact, write_status
@@ -69,7 +70,7 @@ def run_job(cfg: DictConfig, hydra_cfg: Any) -> dict[str, Any]:
 def execute(run: RunConfig, recipe: str, logger: MetricsLogger) -> dict[str, Any]:
     from cookbook.warmstart import plan_init
 
-    launcher = importlib.import_module(f"launchers.{run.infra.launcher}")
+    launcher = get_launcher(run.infra.launcher)
     module = importlib.import_module(f"cookbook.recipes.{recipe}")
     check_inputs(run)  # fail fast on bad data or a bad reward path, before any trainer or deployment starts
     init = plan_init(run.recipe.init_from, run.base_model)

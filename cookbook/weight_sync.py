@@ -110,10 +110,3 @@ def should_sync(step: int, cfg: WeightSyncConfig) -> bool:
     """Sync after optimizer step `step` (1-based) every `weight_sync_interval` steps; 0 = never."""
     return cfg.weight_sync_interval > 0 and step > 0 and step % cfg.weight_sync_interval == 0
 
-
-def maybe_sync_before_training(syncer: WeightSyncer | None, cfg: WeightSyncConfig, step: int = 0) -> str | None:
-    """With `weight_sync_before_training`, put the starting weights on the deployment before the first step
-    (always a base: nothing on the deployment belongs to this run yet). Returns the identity or None."""
-    if syncer is None or not cfg.weight_sync_before_training:
-        return None
-    return syncer.save_and_hotload(f"step-{step}", checkpoint_type="base")
