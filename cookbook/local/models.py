@@ -2,7 +2,9 @@
 
 `local-tiny` is the default embedded model (~0.8 M params), `local-small` the largest size that still feels
 interactive on 2 CPU cores, and `local-micro` a unit-test size. Any other name is treated as a local directory or a
-Hugging Face id and goes through `from_pretrained` (real loading code for boxes with hub access).
+Hugging Face id and goes through `from_pretrained` (real loading code for boxes with hub access). A process may
+register aliases (`register_alias`): the platform catalog maps names such as `accounts/fireworks/models/qwen3-8b` to
+an embedded model or a directory.
 
 The tokenizer is a fixed byte-level vocabulary (256 byte tokens + 4 specials): no training, lossless for any text and
 one token per digit, which is what the toy arithmetic/reversal tasks need. It wraps as a normal transformers fast
@@ -70,8 +72,28 @@ EMBEDDED_MODELS: dict[str, ModelSpec] = {
 }
 
 
+# Base-model aliases of this process (`register_alias`): a trainer or deployment started for a catalog alias
+# (e.g. `accounts/fireworks/models/qwen3-8b` -> `local-micro`) loads the target while keeping the aliased name.
+_ALIASES: dict[str, str] = {}
+
+
+def register_alias(name: str, source: str) -> None:
+    """Make `name` load `source` (an embedded model name or a model directory) in this process."""
+    if name != source:
+        _ALIASES[name] = source
+
+
+def resolve(name_or_path: str) -> str:
+    """What `name_or_path` loads: its alias target (followed), else itself."""
+    seen = set()
+    while name_or_path in _ALIASES and name_or_path not in seen:
+        seen.add(name_or_path)
+        name_or_path = _ALIASES[name_or_path]
+    return name_or_path
+
+
 def is_embedded(name_or_path: str) -> bool:
-    return name_or_path in EMBEDDED_MODELS
+    return resolve(name_or_path) in EMBEDDED_MODELS
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -111,6 +133,7 @@ def build_tokenizer():
 
 
 def load_tokenizer(name_or_path: str):
+    name_or_path = resolve(name_or_path)
     if is_embedded(name_or_path):
         return build_tokenizer()
     from transformers import AutoTokenizer
@@ -149,6 +172,7 @@ def load_model(name_or_path: str, seed: int = 0):
     import torch
     from transformers import AutoModelForCausalLM
 
+    name_or_path = resolve(name_or_path)
     if is_embedded(name_or_path):
         from transformers import Qwen3ForCausalLM
         # A private generator state: the init must not depend on (or disturb) the global RNG history.

@@ -23,7 +23,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--api-key", help="per-run key; default: $COOKBOOK_PLATFORM_KEY")
     p.add_argument("--store", required=True, help="<jobs_root>/<job_id>")
     p.add_argument("--job-id", required=True)
-    p.add_argument("--base-model", required=True)
+    p.add_argument("--base-model", required=True, help="the job's base model, as clients name it")
+    p.add_argument("--model-source", help="what to load for --base-model (a catalog alias target: an embedded "
+                                          "model or a model directory); default: --base-model itself")
+    p.add_argument("--forward-only", action="store_true",
+                   help="a FORWARD_ONLY job: forward and state save/load only; training calls are rejected")
     p.add_argument("--max-context-length", type=int)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--parent-pid", type=int)
@@ -51,6 +55,8 @@ def main(argv=None) -> int:
 
     from cookbook.local import models
 
+    if args.model_source:
+        models.register_alias(args.base_model, args.model_source)
     if args.threads:
         import torch
 
@@ -58,15 +64,17 @@ def main(argv=None) -> int:
     from cookbook.local.trainer.app import TrainerService, build_app
     from cookbook.local.trainer.checkpoints import Store
 
-    if not models.is_embedded(args.base_model) and not Path(args.base_model).exists():
+    if not models.is_embedded(args.base_model) and not Path(models.resolve(args.base_model)).exists():
         logging.info("base model %s is not embedded or a local path; trying the Hugging Face hub", args.base_model)
     store = Store(args.store, args.job_id)
     store.root.mkdir(parents=True, exist_ok=True)
     svc = TrainerService(store=store, api_key=api_key, base_model=args.base_model, seed=args.seed,
-                         max_context_length=args.max_context_length)
+                         max_context_length=args.max_context_length, forward_only=args.forward_only)
     app = build_app(svc)
 
-    logging.info("serving %s (store %s)", args.base_model, store.root)
+    logging.info("serving %s%s (store %s)%s", args.base_model,
+                 "" if models.resolve(args.base_model) == args.base_model else f" = {models.resolve(args.base_model)}",
+                 store.root, " forward-only" if args.forward_only else "")
     try:
         serve(app, args.port, args.port_file, args.parent_pid)
     except KeyboardInterrupt:

@@ -47,9 +47,11 @@ class _Queue:
 
 class TrainerService:
     def __init__(self, *, store: Store, api_key: str, base_model: str, seed: int = 0,
-                 max_context_length: int | None = None):
+                 max_context_length: int | None = None, forward_only: bool = False):
         self.store, self.api_key, self.base_model = store, api_key, base_model
         self.seed, self.max_context_length = seed, max_context_length
+        # A FORWARD_ONLY job (a reference trainer): models serve forward and DCP save/load; training is refused.
+        self.forward_only = forward_only
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="trainer-compute")
         self.models: dict[str, TrainModel] = {}
         self.samplers: dict[str, Sampler] = {}
@@ -108,6 +110,13 @@ class TrainerService:
             q.next_seq += 1
         return rid
 
+    def check_trainable_job(self, op: str) -> None:
+        if self.forward_only:
+            raise UserRequestError(
+                f"trainer job {self.store.job_id} is forward-only (created with forwardOnly / a FORWARD_ONLY training "
+                f"shape) and cannot train: {op} is not allowed. It serves forward, save_state and load_state; create "
+                "a policy trainer job (a FULL_PARAMETER_TRAINER or LORA_TRAINER shape, forwardOnly unset) to train.")
+
     def failed(self, message: str) -> str:
         rid = self._new_future()
         self.futures[rid].set_result({"error": message, "category": "user"})
@@ -135,6 +144,9 @@ class TrainerService:
                        lora_seed=lora.get("seed"), train_attn=lora.get("train_attn", True),
                        train_mlp=lora.get("train_mlp", True), train_unembed=lora.get("train_unembed", True),
                        base_only=bool(body.get("base_only")), max_context_length=self.max_context_length)
+        if self.forward_only:  # no gradients ever: forward keeps no graph, and the weights stay frozen
+            m.model.requires_grad_(False)
+            m.params = []
         self.models[model_id] = m
         log.info("created model %s (%s, %s)", model_id, base,
                  "frozen reference" if m.base_only else f"LoRA rank {rank}" if m.is_lora else "full-parameter")
@@ -200,7 +212,7 @@ def build_app(svc: TrainerService) -> Starlette:
             raise UserRequestError("`model_id` (string) and `seq_id` (int) are required")
         return model_id, seq
 
-    def ordered(op: str, request_key: str | None, fn: Callable[[TrainModel, dict], Any]):
+    def ordered(op: str, request_key: str | None, fn: Callable[[TrainModel, dict], Any], trains: bool = False):
         async def handler(request: Request):
             body = await body_of(request)
             model_id, seq = model_seq(body)
@@ -208,8 +220,13 @@ def build_app(svc: TrainerService) -> Starlette:
                 return JSONResponse({"request_id": svc.failed(f"unknown model_id {model_id!r}"), "model_id": model_id})
             payload = body.get(request_key) if request_key else body
             m = svc.models[model_id]
-            rid = svc.submit_ordered(model_id, seq, lambda: fn(m, payload if isinstance(payload, dict) else {}),
-                                     f"{op}({model_id} seq {seq})")
+
+            def run():
+                if trains:  # refused in seq order, so later operations on the model are not held up
+                    svc.check_trainable_job(op)
+                return fn(m, payload if isinstance(payload, dict) else {})
+
+            rid = svc.submit_ordered(model_id, seq, run, f"{op}({model_id} seq {seq})")
             return JSONResponse({"request_id": rid, "model_id": model_id})
         return handler
 
@@ -273,8 +290,12 @@ def build_app(svc: TrainerService) -> Starlette:
         if model_id not in svc.models:
             return JSONResponse({"request_id": svc.failed(f"unknown model_id {model_id!r}")})
         m = svc.models[model_id]
-        rid = svc.submit_ordered(model_id, seq, lambda: svc.save_for_sampler(m, body, body.get("sampling_session_seq_id")),
-                                 f"save_weights_for_sampler({model_id} seq {seq})")
+
+        def run():
+            svc.check_trainable_job("save_weights_for_sampler")
+            return svc.save_for_sampler(m, body, body.get("sampling_session_seq_id"))
+
+        rid = svc.submit_ordered(model_id, seq, run, f"save_weights_for_sampler({model_id} seq {seq})")
         return JSONResponse({"request_id": rid, "model_id": model_id})
 
     async def unload_model(request):
@@ -332,8 +353,9 @@ def build_app(svc: TrainerService) -> Starlette:
         Route("/api/v1/list_checkpoints", list_checkpoints, methods=["GET"]),
         Route("/api/v1/forward", ordered("forward", "forward_input", lambda m, b: m.forward(b)), methods=["POST"]),
         Route("/api/v1/forward_backward", ordered("forward_backward", "forward_backward_input",
-                                                  lambda m, b: m.forward_backward(b)), methods=["POST"]),
-        Route("/api/v1/optim_step", ordered("optim_step", None, lambda m, b: m.optim_step(b)), methods=["POST"]),
+                                                  lambda m, b: m.forward_backward(b), trains=True), methods=["POST"]),
+        Route("/api/v1/optim_step", ordered("optim_step", None, lambda m, b: m.optim_step(b), trains=True),
+              methods=["POST"]),
         Route("/api/v1/save_weights", ordered("save_weights", None, _save_state), methods=["POST"]),
         Route("/api/v1/load_weights", ordered("load_weights", None, _load_state), methods=["POST"]),
         Route("/api/v1/save_weights_for_sampler", save_weights_for_sampler, methods=["POST"]),
