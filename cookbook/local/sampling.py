@@ -40,6 +40,10 @@ class SeqRequest:
     prompt_logprobs: list[float] = field(default_factory=list)
     finish_reason: str = "length"
     stop_text_cut: int | None = None  # with a stop string: characters of the decoded text to keep
+    # Filled by the batcher, reported as perf metrics: sequences decoded together, seconds queued and decoding.
+    batch_size: int = 0
+    queue_s: float = 0.0
+    decode_s: float = 0.0
 
 
 class Engine:
@@ -108,9 +112,16 @@ class Engine:
             logits = out.logits[:, -1].float()
 
     def _hit_stop_str(self, s: SeqRequest, texts: list[str], i: int) -> bool:
+        """Does the decoded completion now contain a stop string? Only a match ending in the newest token is new, so
+        decode just a tail long enough to hold the longest stop string (a token decodes to >= 1 character, or to a
+        piece of a multi-byte one: 4 tokens per character covers that) and decode everything only on a hit."""
+        longest = max(len(stop) for stop in s.stop_strs)
+        tail = self.tokenizer.decode(s.tokens[-(4 * longest + 4):], skip_special_tokens=False)
+        if not any(stop in tail for stop in s.stop_strs):
+            return False
         text = self.tokenizer.decode(s.tokens, skip_special_tokens=False)
         texts[i] = text
-        hits = [text.find(stop) for stop in s.stop_strs if stop and stop in text]
+        hits = [text.find(stop) for stop in s.stop_strs if stop in text]
         if hits:
             s.stop_text_cut = min(hits)
             return True
@@ -179,7 +190,7 @@ class Batcher:
     async def submit(self, seqs: list[SeqRequest]) -> list[SeqRequest]:
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._q.put((seqs, loop, fut))
+        self._q.put((seqs, loop, fut, time.perf_counter()))
         await fut
         return seqs
 
@@ -204,10 +215,15 @@ class Batcher:
             error = None
             try:
                 with self.engine.lock:
+                    start = time.perf_counter()
                     self.engine.generate(seqs)
+                    took = time.perf_counter() - start
+                for item in batch:
+                    for s in item[0]:
+                        s.batch_size, s.queue_s, s.decode_s = len(seqs), start - item[3], took
             except Exception as e:  # report to every waiter rather than kill the thread
                 error = e
-            for _, loop, fut in batch:
+            for _, loop, fut, _ in batch:
                 loop.call_soon_threadsafe(_settle, fut, error)
 
 
