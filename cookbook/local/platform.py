@@ -3,10 +3,13 @@
     with LocalPlatform(root) as platform:
         mgr = TrainerJobManager(platform.api_key, platform.base_url, poll_interval_s=0.2)
 
-The control plane runs as a child process with a random per-run key (`tml-` + 32 hex: the tinker SDK insists on the
-prefix); it spawns trainers and deployments itself. Everything stops when the block exits, however it exits:
-normally, by exception, by Ctrl-C; and if this process is SIGKILLed, PDEATHSIG plus the children's parent-pid watchdogs
-take them down (the control plane stops its own children on the way out).
+The control plane runs as a child process with a random per-run key shaped like a Fireworks key (`fw_local_` + 32
+hex): the official SDK's FiretitanServiceClient takes its Fireworks code path for any key that is not a tinker `tml-`
+key, so the local platform exercises exactly the path a real run takes. It spawns trainers and deployments itself.
+Training shapes and model aliases: `cookbook.local.catalog`, plus the catalog file in `catalog=` or
+$COOKBOOK_PLATFORM_CATALOG. Everything stops when the block exits, however it exits: normally, by exception, by
+Ctrl-C; and if this process is SIGKILLed, PDEATHSIG plus the children's parent-pid watchdogs take them down (the
+control plane stops its own children on the way out).
 """
 
 from __future__ import annotations
@@ -20,16 +23,24 @@ from pathlib import Path
 from cookbook.local.procs import python_cmd, spawn, stop_group, wait_port_file
 
 
+KEY_PREFIX = "fw_local_"
+CATALOG_ENV = "COOKBOOK_PLATFORM_CATALOG"
+
+
 def new_api_key() -> str:
-    return "tml-" + secrets.token_hex(16)
+    return KEY_PREFIX + secrets.token_hex(16)
 
 
 class LocalPlatform:
     def __init__(self, root_dir: str | os.PathLike, start_timeout_s: float = 60.0,
-                 storage: str | os.PathLike | None = None):
+                 storage: str | os.PathLike | None = None, catalog: str | os.PathLike | None = None,
+                 port: int = 0):
         self.root = Path(root_dir).resolve()  # this platform's port files and logs
         # Trainer stores and promoted models; shared between platforms so later runs can load earlier checkpoints.
         self.storage = Path(storage).resolve() if storage else self.root
+        catalog = catalog or os.environ.get(CATALOG_ENV) or None
+        self.catalog = Path(catalog).expanduser().resolve() if catalog else None  # extra shapes and model aliases
+        self.port = port  # 0: any free port
         self.api_key = new_api_key()
         self.start_timeout_s = start_timeout_s
         self.base_url: str | None = None
@@ -51,7 +62,9 @@ class LocalPlatform:
         log_file = self.root / "logs" / "control-plane.log"
         env = {**os.environ, "COOKBOOK_PLATFORM_KEY": self.api_key}  # env, not argv: keys stay out of `ps`
         cmd = python_cmd("cookbook.local.control_plane", "--root", str(self.root), "--storage", str(self.storage),
-                         "--port-file", str(port_file), "--parent-pid", str(os.getpid()))
+                         "--port-file", str(port_file), "--port", str(self.port), "--parent-pid", str(os.getpid()))
+        if self.catalog:
+            cmd += ["--catalog", str(self.catalog)]
         self.proc = spawn(cmd, log_file, env)
         try:
             port = wait_port_file(port_file, self.proc, self.start_timeout_s, "the local control plane", log_file)
