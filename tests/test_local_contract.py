@@ -75,6 +75,17 @@ def _error(resp: httpx.Response, status: int = 400) -> str:
     return err["message"]
 
 
+def test_every_server_requires_the_key(env):
+    assert env.key.startswith("fw_local_") and len(env.key) == len("fw_local_") + 32
+    url = f"{env.url}/v1/accounts"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"X-Api-Key": "fw_local_" + "0" * 32}).status_code == 401
+    assert httpx.get(url, headers={"Authorization": f"Bearer {env.key}"}).status_code == 200
+    health = f"{env.url}/training/v1/rlorTrainerJobs/local/{env.ref_job}/api/v1/healthz"
+    assert httpx.get(health).status_code == 401
+    assert httpx.get(health, headers={"Authorization": f"Bearer {env.key}", "X-Api-Key": env.key}).status_code == 200
+
+
 # -- training shapes and trainer jobs --------------------------------------------------------------------------------
 
 def test_unknown_training_shape_is_404(env):

@@ -269,3 +269,14 @@ def test_sigint_stops_serve_and_everything_it_started(served):
     served.proc.send_signal(signal.SIGINT)
     assert served.proc.wait(60) == 0, "\n".join(served.lines[-30:])
     assert _wait_gone(str(served.root)) == []
+
+
+def test_a_bad_catalog_file_stops_serve_before_anything_starts(tmp_path):
+    bad = tmp_path / "catalog.json"
+    bad.write_text(json.dumps({"trainingShapes": [{"name": FW_SHAPE, "baseModel": FW_MODEL,
+                                                   "trainerMode": "FULL_PARAMETER_TRAINER",
+                                                   "maxSupportedContextLength": 1024, "acceleratorTyp": "X"}]}))
+    result = subprocess.run([sys.executable, "-m", "cookbook.local", "serve", "--root", str(tmp_path / "root"),
+                             "--catalog", str(bad)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "acceleratorTyp" in result.stderr and str(bad) in result.stderr, result.stderr
+    assert "FIREWORKS_BASE_URL" not in result.stdout and not (tmp_path / "root").exists()
