@@ -20,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cookbook.local.platform import find_pids
@@ -207,6 +208,15 @@ def test_sdk_lifecycle_as_the_readme_shows(served, sdk):
     by_name = {r["name"].rsplit("/", 1)[-1]: r for r in rows}
     assert by_name[step1]["promotable"] and not by_name[step2]["promotable"]
     assert [r["name"] for r in rows[:1]] == [by_name[step1]["name"]]  # oldest first
+    pages, token = [], None
+    with httpx.Client(base_url=served.base_url, headers={"X-Api-Key": served.api_key}) as http:
+        while True:  # one row per page: every row once, in order, then no token
+            page = http.get(f"/v1/accounts/local/rlorTrainerJobs/{job_id}/checkpoints",
+                            params={"pageSize": 1, **({"pageToken": token} if token else {})}).json()
+            pages.append([r["name"] for r in page["checkpoints"]])
+            if not (token := page.get("nextPageToken")):
+                break
+    assert pages == [[r["name"]] for r in rows]
     model = trainer_mgr.promote_checkpoint(name=by_name[step1]["name"], output_model_id=_uid("sdk-life"),
                                            base_model=MODEL)
     assert model["state"] == "READY" and model["name"].startswith("accounts/local/models/sdk-life-")
