@@ -48,7 +48,7 @@ ACCOUNT = catalog_mod.LOCAL_ACCOUNT
 HOP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
                "proxy-authorization", "proxy-connection", "trailer"}
 GRPC_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-               409: "ALREADY_EXISTS", 425: "UNAVAILABLE", 503: "UNAVAILABLE"}
+               405: "UNIMPLEMENTED", 409: "ALREADY_EXISTS", 425: "UNAVAILABLE", 503: "UNAVAILABLE"}
 RESOURCE_ID = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")  # trainer job, deployment and model ids
 CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # the trainer's checkpoint names
 JOB_NAME = re.compile(r"^accounts/([^/]+)/rlorTrainerJobs/([^/]+)$")
@@ -767,6 +767,10 @@ def build_app(root: Path, api_key: str, storage: Path | None = None, catalog: Ca
     async def api_error(request: Request, exc: ApiError) -> Response:
         return _error(exc.status, exc.message)
 
+    async def http_error(request: Request, exc: Exception) -> Response:  # unknown paths and methods, as JSON too
+        status = getattr(exc, "status_code", 500)
+        return _error(status, f"{request.method} {request.url.path}: {getattr(exc, 'detail', '') or 'not supported'}")
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
         try:
@@ -792,7 +796,7 @@ def build_app(root: Path, api_key: str, storage: Path | None = None, catalog: Ca
         Route("/hot_load/v1/models/hot_load", cp.hot_load, methods=["GET", "POST"]),
         Route("/inference/v1/completions", cp.completions, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: api_error})
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: api_error, 404: http_error, 405: http_error})
     return KeyAuthMiddleware(app, api_key), cp
 
 
