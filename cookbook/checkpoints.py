@@ -133,8 +133,9 @@ def promote(session: Any, record: dict[str, Any], output_model_id: str) -> Any:
     if not record.get("sampler_path"):
         raise UserError(f"Checkpoint {record['name']} has no sampler export to promote. Fix: promote the final "
                         f"checkpoint (kind 'both').")
-    return session.trainer_mgr.promote_checkpoint(record["job_id"], record["sampler_path"], output_model_id,
-                                                   session.base_model)
+    mgr = session.trainer_mgr
+    name = f"accounts/{mgr.account_id}/rlorTrainerJobs/{record['job_id']}/checkpoints/{record['sampler_path']}"
+    return mgr.promote_checkpoint(name=name, output_model_id=output_model_id, base_model=session.base_model)
 
 
 def _dir_size(path: Path) -> int:

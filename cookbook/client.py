@@ -1,60 +1,64 @@
-"""`ReconnectableClient`: the blocking training client every recipe uses (spec-surface.md).
+"""`ReconnectableClient`: the blocking training client every recipe uses.
 
-Each call dispatches exactly one request through the tinker SDK (extended with the Fireworks trainer calls in
-`cookbook.tinker_ext`) and blocks on its result for at most the call's timeout. Failures propagate unchanged: there
-are no hidden retries, so a loop that loses its trainer crashes and is resumed from its last DCP checkpoint.
+A thin wrapper around the official Fireworks SDK's `FiretitanTrainingClient` (tinker 0.23 plus the Fireworks trainer
+extensions): each call dispatches exactly one operation and blocks on its result for at most the call's timeout.
+Failures propagate unchanged — no hidden retries — so a loop that loses its trainer crashes and is resumed from its
+last DCP checkpoint. The same class drives Fireworks and the embedded platform; only the manager's URL differs.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable
 
 import tinker
 
-from cookbook.fireworks_api import TrainerEndpoint, TrainerJobManager
-from cookbook.tinker_ext import create_reference_client, create_service_client, create_training_client
+if TYPE_CHECKING:
+    from fireworks.training.sdk import (FiretitanTrainingClient, SaveSamplerResult, TrainerJobManager,
+                                        TrainerServiceEndpoint)
+
+# Control-plane checkpoint rows of resumable (DCP) checkpoints; sampler rows are CHECKPOINT_TYPE_INFERENCE*.
+_DCP_ROW_PREFIX = "CHECKPOINT_TYPE_TRAINING"
 
 
 class ReconnectableClient:
-    """Blocking wrapper around one trainer model (policy, or with `reference=True` a frozen `base_only` model).
+    """Blocking wrapper around one model on a trainer job.
 
-    `endpoint=None` waits for the job through `rlor_mgr` (which also reattaches to a job created by an earlier
-    process); a pre-resolved `TrainerEndpoint` skips that wait.
+    `endpoint=None` waits for the job through `rlor_mgr` (resuming it first when it failed or was stopped, as a
+    restarted driver must); a pre-resolved `TrainerServiceEndpoint` skips that wait. `base_only=True` creates a frozen
+    copy of the base model on the trainer (a reference that shares the policy's trainer); use `forward` only.
     """
 
-    def __init__(self, rlor_mgr: TrainerJobManager, job_id: str, base_model: str, lora_rank: int = 0,
+    def __init__(self, rlor_mgr: "TrainerJobManager", job_id: str, base_model: str, lora_rank: int = 0,
                  fw_api_key: str | None = None, default_timeout: float = 600,
-                 endpoint: TrainerEndpoint | None = None, *, reference: bool = False, seed: int | None = None,
-                 ready_timeout: float = 3600):
+                 endpoint: "TrainerServiceEndpoint | None" = None, *, base_only: bool = False,
+                 seed: int | None = None):
+        from fireworks.training.sdk import FiretitanServiceClient
+
         self._mgr = rlor_mgr
         self._job_id = job_id
         self.base_model = base_model
         self.lora_rank = lora_rank
         self.default_timeout = default_timeout
-        self.is_reference = reference
-        # Key order: explicit, then the environment (Fireworks), then the manager's own (the local platform's key).
+        self.base_only = base_only
         api_key = fw_api_key or os.environ.get("FIREWORKS_API_KEY") or rlor_mgr.api_key
-        self._endpoint = endpoint or rlor_mgr.reattach(job_id, ready_timeout)
-        self._service = create_service_client(self._endpoint.base_url, api_key)
-        if reference:
-            self._inner = create_reference_client(self._service, base_model)
+        self._endpoint = endpoint or rlor_mgr.reconnect_and_wait(job_id)
+        self._service = FiretitanServiceClient(base_url=self._endpoint.base_url, api_key=api_key)
+        if base_only:
+            self._inner = self._service.create_base_training_client(base_model)
         else:
-            self._inner = create_training_client(self._service, base_model, lora_rank, seed=seed)
-
-    @classmethod
-    def reference(cls, rlor_mgr: TrainerJobManager, job_id: str, base_model: str, **kwargs) -> "ReconnectableClient":
-        """A frozen reference model (`base_only`): use `forward` only."""
-        return cls(rlor_mgr, job_id, base_model, reference=True, **kwargs)
+            self._inner = self._service.create_training_client(base_model=base_model, lora_rank=lora_rank, seed=seed)
+        self._blocking = ThreadPoolExecutor(1, thread_name_prefix="sampler-save")
 
     # -- properties ----------------------------------------------------------------------------------------------
     @property
-    def inner(self):
-        """The underlying `FireworksTrainingClient` (a `tinker.TrainingClient`)."""
+    def inner(self) -> "FiretitanTrainingClient":
+        """The SDK's `FiretitanTrainingClient` (a `tinker.TrainingClient`)."""
         return self._inner
 
     @property
-    def endpoint(self) -> TrainerEndpoint:
+    def endpoint(self) -> "TrainerServiceEndpoint":
         return self._endpoint
 
     @property
@@ -95,24 +99,30 @@ class ReconnectableClient:
         """Weights only; the optimizer starts fresh."""
         return self._wait(self._inner.load_state(path), timeout)
 
-    def save_weights_for_sampler_ext(self, name: str, checkpoint_type: str | None = None, timeout: float = 2700):
-        """Sampler snapshot (`base` / `delta`); the result's `snapshot_name` is the hot-load identity."""
-        return self._wait(self._inner.save_weights_for_sampler_ext(name, checkpoint_type=checkpoint_type), timeout)
+    def save_weights_for_sampler_ext(self, name: str, checkpoint_type: str | None = None,
+                                     timeout: float = 2700) -> "SaveSamplerResult":
+        """Sampler snapshot (`base` / `delta`); the result's `snapshot_name` (`<name>-<session>`) is the hot-load
+        identity. The SDK call blocks without a deadline, so it runs on a worker thread to honour `timeout`."""
+        call = self._blocking.submit(self._inner.save_weights_for_sampler_ext, name, checkpoint_type=checkpoint_type)
+        return call.result(timeout=timeout)
 
     def resolve_checkpoint_path(self, name: str, source_job_id: str | None = None) -> str:
         return self._inner.resolve_checkpoint_path(name, source_job_id=source_job_id)
 
     def list_checkpoints(self) -> list[str]:
-        return self._inner.list_checkpoints()
+        """Sorted DCP checkpoint names of this trainer job, from the control plane. Raises on failure: the SDK's
+        trainer-side listing answers [] when the request fails, which would silently turn a resume into a fresh
+        start."""
+        rows = self._mgr.list_checkpoints(self._job_id)
+        return sorted(r["name"].rsplit("/", 1)[-1] for r in rows
+                      if str(r.get("checkpointType", "")).startswith(_DCP_ROW_PREFIX))
 
     def close(self) -> None:
-        """Release the SDK's background session (heartbeat thread); the trainer job itself keeps running."""
-        holder = getattr(self._service, "holder", None)
-        for obj in (self._service, holder):
-            fn = getattr(obj, "close", None)
-            if callable(fn):
-                try:
-                    fn()
-                except Exception:  # best effort at teardown
-                    pass
-                return
+        """Release the SDK session (its heartbeat thread); the trainer job itself keeps running."""
+        self._blocking.shutdown(wait=False, cancel_futures=True)
+        for close in (self._service.close, getattr(getattr(self._service, "holder", None), "close", None)):
+            try:
+                if close is not None:
+                    close()
+            except Exception:  # best effort at teardown
+                pass

@@ -54,11 +54,14 @@ class InfraConfig:
     launcher: str = "local"
     # Not in the spec: context length of the shape, used to skip over-long rows before they reach the trainer.
     max_context_length: int = 512
+    # Not in the spec: how long a trainer may wait for capacity (JOB_STATE_PENDING) before `trainer_timeout_s`,
+    # the readiness budget after placement, starts; H200 capacity can take hours (the SDK's default: 48 h).
+    trainer_pending_timeout_s: float = 172800
 
     def __post_init__(self) -> None:
         _require(self.launcher in LAUNCHERS, "infra.launcher", f"'{self.launcher}' is not a launcher.",
                  f"use one of {', '.join(LAUNCHERS)}.")
-        _non_negative(self, "infra", "trainer_timeout_s")
+        _non_negative(self, "infra", "trainer_timeout_s", "trainer_pending_timeout_s")
         _require(self.max_context_length > 1, "infra.max_context_length", f"got {self.max_context_length}.",
                  "use a context length of at least 2 tokens.")
 
@@ -79,6 +82,9 @@ class DeployConfig:
     disable_speculative_decoding: bool = True
     extra_values: Optional[dict[str, str]] = None
     replica_count: Optional[int] = None
+    # Not in the spec: the accelerator of a deployment without a shape (neither deployment_shape nor the training
+    # shape names one). The service rejects a deployment with neither; with a shape, the shape owns the hardware.
+    accelerator_type: Optional[str] = None
 
     def __post_init__(self) -> None:
         _non_negative(self, "deploy", "deployment_timeout_s", "sample_timeout", "replica_count")

@@ -11,3 +11,8 @@ class UserError(Exception):
 
 class DataError(UserError):
     """A dataset problem; the message names the file (and line where there is one)."""
+
+
+class InfraError(Exception):
+    """The platform (control plane, trainer, deployment) failed in a way the message fully explains — e.g. an
+    unreachable control plane. The CLI prints the message without a traceback and exits 1."""

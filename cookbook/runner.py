@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import sys
 import time
 import traceback
@@ -70,6 +71,10 @@ def run_job(cfg: DictConfig, hydra_cfg: Any) -> dict[str, Any]:
 def execute(run: RunConfig, recipe: str, logger: MetricsLogger) -> dict[str, Any]:
     from cookbook.warmstart import plan_init
 
+    # The SDK and tinker log at INFO on import and on every hot load; the run prints its own progress.
+    for name in ("fireworks", "tinker"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
     launcher = get_launcher(run.infra.launcher)
     module = importlib.import_module(f"cookbook.recipes.{recipe}")
     check_inputs(run)  # fail fast on bad data or a bad reward path, before any trainer or deployment starts
@@ -106,14 +111,16 @@ def _final(last: dict[str, Any], result: Any) -> dict[str, Any]:
 
 def plan(run: RunConfig, recipe: str, infra: str) -> dict[str, Any]:
     """What a run would create, computed from the config alone (no credentials, nothing started)."""
-    needs_ref = run.recipe.needs_reference or bool(run.infra.ref_training_shape_id)
     from cookbook.naming import deployment_id_for
+
+    separate_ref = run.recipe.needs_reference and run.infra.ref_training_shape_id and not run.recipe.lora_rank
 
     return {
         "recipe": recipe, "infra": infra, "launcher": run.infra.launcher, "base_model": run.base_model,
         "policy_trainer": run.infra.training_shape_id,
-        "reference_trainer": (run.infra.ref_training_shape_id or f"{run.infra.training_shape_id} (base_only)")
-        if needs_ref else None,
+        "reference": (("separate forward-only trainer" if separate_ref else "frozen base model on the policy trainer")
+                      if run.recipe.needs_reference else None),
+        "reference_trainer": run.infra.ref_training_shape_id if separate_ref else None,
         "deployment": (run.deploy.deployment_id or deployment_id_for(run.base_model))
         if run.recipe.needs_deployment else None,
         "log_path": run.log_path,

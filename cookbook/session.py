@@ -1,85 +1,40 @@
 """What a recipe receives: the live clients of one run, built by `build_session` for every launcher alike.
 
 `build_session` is the one place that turns a config plus a control-plane URL and key into trainer job(s), a
-`ReconnectableClient` (policy, optional frozen reference), a deployment with its `WeightSyncer` and a `Sampler`;
-launchers only decide the URL and key (and what to start locally first). Everything it creates is torn down by the
-`ExitStack` it is given: trainer jobs deleted, the deployment scaled to zero and deleted.
+`ReconnectableClient` (policy, and a frozen reference when the recipe needs one), a deployment with its
+`WeightSyncer` and a `Sampler` — all through the official Fireworks SDK, the way its own cookbook drives it:
+
+  1. resolve the training shape's latest validated version (it names the deployment shape and context length);
+  2. create the policy trainer on that shape (and a forward-only reference trainer on `ref_training_shape_id` only
+     when the recipe needs a reference), then the deployment pinned to the shape's deployment shape;
+  3. wait for each: trainer placement (PENDING) and readiness have separate budgets, then the deployment.
+
+Launchers only decide the URL and key (and what to start locally first). Everything created here is torn down by
+the `ExitStack` it is given: trainer jobs deleted, a deployment this run created scaled to zero and deleted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
+
+import httpx
 
 from cookbook.client import ReconnectableClient
 from cookbook.config import RunConfig
-from cookbook.fireworks_api import DeploymentManager, TrainerJobManager
+from cookbook.errors import InfraError, UserError
 from cookbook.naming import deployment_id_for
+from cookbook.sampler import Sampler
 from cookbook.weight_sync import WeightSyncer
 
+if TYPE_CHECKING:
+    from fireworks.training.sdk import DeploymentManager, TrainerJobManager, TrainingShapeProfile
 
-@dataclass
-class Completion:
-    tokens: list[int]
-    # The model's log-softmax at temperature 1 per token: what the trainer's forward computes for the same tokens.
-    logprobs: list[float]
-    finish_reason: str  # "length" or "stop"
-    # Log-probability under the distribution actually sampled from (after temperature / top-p / top-k): the
-    # behaviour policy for importance-sampling corrections. Equal to `logprobs` at temperature 1, top-p 1.
-    sampling_logprobs: list[float] = field(default_factory=list)
-    text: str = ""
-
-
-class Sampler:
-    """Samples completions from the deployment over token ids (one HTTP request per prompt, `n` per request)."""
-
-    def __init__(self, deploy_mgr: DeploymentManager, deployment_id: str, timeout_s: float = 600,
-                 max_concurrency: int = 64):
-        self.deploy_mgr = deploy_mgr
-        self.deployment_id = deployment_id
-        self.timeout_s = timeout_s
-        self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="sampler")
-
-    def sample(self, prompt_tokens: Sequence[int], n: int = 1, max_tokens: int = 16, temperature: float = 1.0,
-               top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None, seed: int | None = None,
-               top_k: int = 0, stop: Sequence[str] | None = None) -> list[Completion]:
-        """`n` completions of one prompt. `stop_token_ids=None` stops at the model's EOS; stop tokens are kept
-        in `tokens` (the policy must learn to emit them)."""
-        body: dict[str, Any] = {"prompt": list(prompt_tokens), "n": n, "max_tokens": max_tokens,
-                                "temperature": temperature, "top_p": top_p, "top_k": top_k, "logprobs": True,
-                                "raw_output": True}
-        stops: list[Any] = list(stop_token_ids or []) + list(stop or [])
-        if stops:
-            body["stop"] = stops
-        if seed is not None:
-            body["seed"] = seed
-        reply = self.deploy_mgr.completions(self.deployment_id, body, self.timeout_s)
-        return [_completion(c) for c in sorted(reply["choices"], key=lambda c: c.get("index", 0))]
-
-    def sample_many(self, prompts: Sequence[Sequence[int]], n: int = 1, max_tokens: int = 16,
-                    temperature: float = 1.0, top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None,
-                    seed: int | None = None, **kwargs) -> list[list[Completion]]:
-        """Sample all prompts concurrently (the deployment batches them); results in prompt order. With a seed,
-        prompt i uses seeds `seed + i*n ...`, so every completion has its own reproducible stream."""
-        futures = [self._pool.submit(self.sample, p, n, max_tokens, temperature, top_p, stop_token_ids,
-                                     None if seed is None else seed + i * n, **kwargs)
-                   for i, p in enumerate(prompts)]
-        return [f.result() for f in futures]
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _completion(choice: dict[str, Any]) -> Completion:
-    content = (choice.get("logprobs") or {}).get("content") or []
-    tokens = choice["raw_output"]["completion_token_ids"]
-    lps = [e["logprob"] for e in content]
-    slps = [e.get("sampling_logprob", e["logprob"]) for e in content]
-    return Completion(tokens=list(tokens), logprobs=lps, finish_reason=choice.get("finish_reason") or "stop",
-                      sampling_logprobs=slps, text=choice.get("text", ""))
+SAMPLING_CONCURRENCY = 128  # requests in flight per sampler: a GRPO step's rollouts (16 prompts x 8) at once
+BAD_DEPLOYMENT_STATES = ("FAILED", "DELETED", "DELETING")
 
 
 @dataclass
@@ -93,8 +48,8 @@ class Session:
     tokenizer: Any
     base_model: str
     job_id: str
-    trainer_mgr: TrainerJobManager
-    deploy_mgr: DeploymentManager | None
+    trainer_mgr: "TrainerJobManager"
+    deploy_mgr: "DeploymentManager | None"
     deployment_id: str | None = None
     reference_job_id: str | None = None  # set only when the reference runs in its own trainer job
     platform_root: str | None = None  # local launcher only: where jobs/ and promoted models/ live
@@ -110,6 +65,32 @@ class Session:
         self.reference = None
 
 
+def check_control_plane(base_url: str, api_key: str, budget_s: float = 20.0) -> None:
+    """Fail fast, naming the URL, when the control plane is unreachable or rejects the key. (The SDK retries a
+    refused connection silently for five minutes.)"""
+    url = f"{base_url.rstrip('/')}/v1/accounts"
+    headers = {"X-Api-Key": api_key, "Authorization": f"Bearer {api_key}"}
+    deadline = time.monotonic() + budget_s
+    while True:
+        try:
+            resp = httpx.get(url, params={"pageSize": 2}, headers=headers, timeout=httpx.Timeout(10.0, connect=5.0))
+        except httpx.TransportError as e:
+            problem = f"{type(e).__name__}: {e}"
+        else:
+            if resp.status_code in (401, 403):
+                raise UserError(f"The control plane at {base_url} rejected the API key (HTTP {resp.status_code}). "
+                                "Fix: export a valid training-scoped FIREWORKS_API_KEY (keys are read from the "
+                                "environment only).")
+            if resp.status_code < 500 and resp.status_code not in (408, 429):
+                return
+            problem = f"HTTP {resp.status_code}"
+        if time.monotonic() >= deadline:
+            raise InfraError(f"Cannot reach the control plane at {base_url} ({problem}; retried for "
+                             f"{budget_s:.0f}s). Fix: check FIREWORKS_BASE_URL and the network, or run locally "
+                             "with infra=local-tiny.")
+        time.sleep(1.0)
+
+
 def _best_effort(log: Callable[[str], None], what: str, fn: Callable[[], Any]) -> None:
     try:
         fn()
@@ -121,73 +102,170 @@ def new_job_id(prefix: str = "cookbook") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+def _resolve_shape(trainer_mgr: "TrainerJobManager", shape_id: str, key: str) -> "TrainingShapeProfile":
+    """The shape's latest validated version; a malformed or unknown shape id is the user's to fix."""
+    try:
+        return trainer_mgr.resolve_training_profile(shape_id)
+    except ValueError:
+        raise UserError(f"{key}={shape_id} is not a training shape name. Fix: use the full resource name "
+                        "accounts/<account>/trainingShapes/<shape>, e.g. accounts/local/trainingShapes/local-tiny.")
+    except RuntimeError as e:
+        if "(HTTP 404)" not in str(e):
+            raise
+        raise UserError(f"{key}={shape_id}: the control plane at {trainer_mgr.base_url} has no such training shape. "
+                        "Fix: pick an infra option that names a shape of your account (the embedded platform's "
+                        "shapes are listed by `python -m cookbook.local serve`).") from None
+
+
+def _shape_ref(requested: str, profile: "TrainingShapeProfile") -> str:
+    """Create on the parent shape so the control plane launches its latest validated version, unless the user
+    pinned a version (what the SDK's managed provisioning does)."""
+    return requested if "/versions/" in requested else (profile.training_shape or requested)
+
+
+def _deployment_shape(cfg: RunConfig, profile: "TrainingShapeProfile") -> str | None:
+    """The deployment shape to pin (the user's, else the training shape's validated one); without one, the deployment
+    needs an accelerator type. Checked before any trainer is created, so a bad plan costs nothing."""
+    shape = cfg.deploy.deployment_shape or profile.deployment_shape
+    if shape and cfg.deploy.accelerator_type:
+        raise UserError(f"deploy.accelerator_type={cfg.deploy.accelerator_type} is set, but the deployment is pinned "
+                        f"to shape {shape}, which owns the accelerator (the service rejects both). Fix: drop "
+                        "deploy.accelerator_type, or set deploy.deployment_shape=null on a training shape without one.")
+    if not shape and not cfg.deploy.accelerator_type:
+        raise UserError(f"Training shape {cfg.infra.training_shape_id} names no deployment shape, and no deployment "
+                        "can be created without a shape or an accelerator type. Fix: set deploy.deployment_shape "
+                        "(recommended) or deploy.accelerator_type (e.g. NVIDIA_H200_141GB).")
+    return shape
+
+
 def build_session(cfg: RunConfig, base_url: str, api_key: str, *, needs_reference: bool, needs_deployment: bool,
                   stack: contextlib.ExitStack, log: Callable[[str], None] = print, poll_interval_s: float = 5.0,
                   platform_root: str | None = None) -> Session:
     """Create the run's trainer job(s), clients, deployment and syncer; register their teardown on `stack`."""
+    from fireworks.training.sdk import (DeploymentManager, DeploymentSampler, FixedConcurrencyController,
+                                        TrainerJobConfig, TrainerJobManager)
+
     from cookbook.local.models import load_tokenizer
 
     infra, deploy, ws = cfg.infra, cfg.deploy, cfg.weight_sync
     if not infra.training_shape_id:
-        from cookbook.errors import UserError
         raise UserError("infra.training_shape_id is not set. Fix: pick an infra option (e.g. infra=local-tiny) "
                         "or set infra.training_shape_id to a training shape id.")
-    lora_rank = int(getattr(cfg.recipe, "lora_rank", 0) or 0)
-    trainer_mgr = TrainerJobManager(api_key, base_url, poll_interval_s=poll_interval_s)
+    check_control_plane(base_url, api_key)
+    lora_rank = int(cfg.recipe.lora_rank or 0)
+    trainer_mgr = TrainerJobManager(api_key=api_key, base_url=base_url)
     stack.callback(trainer_mgr.close)
-    deploy_mgr = DeploymentManager(api_key, base_url, poll_interval_s=poll_interval_s) if needs_deployment else None
-    if deploy_mgr:
-        stack.callback(deploy_mgr.close)
 
-    def start_job(shape: str, forward_only: bool) -> str:
+    # 1. Plan everything from the shapes before anything is created.
+    profile = _resolve_shape(trainer_mgr, infra.training_shape_id, "infra.training_shape_id")
+    # Like the official client: a full-parameter policy gets a separate forward-only reference trainer when a
+    # reference shape is given; otherwise (and always for LoRA) the reference is a frozen base-only model on the
+    # policy's own trainer.
+    separate_reference = needs_reference and bool(infra.ref_training_shape_id) and lora_rank == 0
+    ref_profile = (_resolve_shape(trainer_mgr, infra.ref_training_shape_id, "infra.ref_training_shape_id")
+                   if separate_reference else None)
+    deployment_shape = _deployment_shape(cfg, profile) if needs_deployment else None
+
+    # 2. Create: trainers first, then the deployment, so they provision in parallel.
+    def start_job(shape_id: str, shape: "TrainingShapeProfile", forward_only: bool) -> str:
         job_id = new_job_id("cookbook-ref" if forward_only else "cookbook")
-        log(f"[launch] trainer job {job_id} on {shape} ({cfg.base_model})")
-        trainer_mgr.create(cfg.base_model, shape, job_id=job_id, lora_rank=0 if forward_only else lora_rank,
-                           max_context_length=infra.max_context_length, region=infra.region,
-                           extra_args=infra.extra_args, forward_only=forward_only)
+        log(f"[launch] trainer job {job_id} on {shape_id} ({cfg.base_model}{', forward only' if forward_only else ''})")
+        trainer_mgr.create(TrainerJobConfig(
+            base_model=cfg.base_model, lora_rank=0 if forward_only else lora_rank,
+            learning_rate=cfg.recipe.learning_rate, display_name=job_id, region=infra.region,
+            extra_args=infra.extra_args, training_shape_ref=_shape_ref(shape_id, shape), forward_only=forward_only,
+            requested_job_id=job_id))
         stack.callback(_best_effort, log, f"deleting trainer job {job_id}", lambda: trainer_mgr.delete(job_id))
         return job_id
 
-    # Jobs and the deployment are created first and waited for afterwards, so they provision in parallel.
-    job_id = start_job(infra.training_shape_id, False)
-    ref_job_id = start_job(infra.ref_training_shape_id, True) if infra.ref_training_shape_id else None
-    deployment_id = None
-    if deploy_mgr:
-        deployment_id = deploy.deployment_id or deployment_id_for(cfg.base_model)
-        log(f"[launch] deployment {deployment_id}")
-        deploy_mgr.create_or_get(deploy, cfg.base_model, hot_load_trainer_job=trainer_mgr.job_name(job_id))
-        stack.callback(_best_effort, log, f"deleting deployment {deployment_id}",
-                       lambda: (deploy_mgr.scale_to_zero(deployment_id), deploy_mgr.delete(deployment_id)))
-        if deploy.hot_load_trainer_job is None:  # an existing deployment may point at an older trainer
-            dep = deploy_mgr.get(deployment_id) or {}
-            if dep.get("hotLoadTrainerJob") != trainer_mgr.job_name(job_id):
-                deploy_mgr.update(deployment_id, {"hotLoadTrainerJob": trainer_mgr.job_name(job_id)},
-                                  "hot_load_trainer_job")
+    job_id = start_job(infra.training_shape_id, profile, False)
+    job_name = f"accounts/{trainer_mgr.account_id}/rlorTrainerJobs/{job_id}"
+    ref_job_id = start_job(infra.ref_training_shape_id, ref_profile, True) if separate_reference else None
 
-    endpoint = trainer_mgr.wait_for_ready(job_id, infra.trainer_timeout_s)
+    deploy_mgr = deployment_id = deployment_base_model = None
+    if needs_deployment:
+        deploy_mgr = DeploymentManager(api_key=api_key, base_url=base_url)
+        stack.callback(deploy_mgr.close)
+        deployment_id = deploy.deployment_id or deployment_id_for(cfg.base_model)
+        deployment_base_model = _attach_deployment(cfg, deploy_mgr, deployment_id, deployment_shape,
+                                                   deploy.hot_load_trainer_job or job_name, stack, log,
+                                                   poll_interval_s)
+
+    # 3. Wait: placement (PENDING, waiting for capacity) and readiness after placement have separate budgets.
+    def wait_job(jid: str) -> Any:
+        log(f"[launch] waiting for trainer job {jid} (placement up to {infra.trainer_pending_timeout_s:.0f}s, "
+            f"then readiness up to {infra.trainer_timeout_s:.0f}s)")
+        return trainer_mgr.wait_for_ready(jid, poll_interval_s=poll_interval_s, timeout_s=infra.trainer_timeout_s,
+                                          pending_timeout_s=infra.trainer_pending_timeout_s)
+
+    endpoint = wait_job(job_id)
     policy = ReconnectableClient(trainer_mgr, job_id, cfg.base_model, lora_rank, fw_api_key=api_key,
                                  endpoint=endpoint, seed=cfg.seed)
     stack.callback(policy.close)
     reference, release = None, None
-    if needs_reference or ref_job_id:
-        if ref_job_id:
-            ref_endpoint = trainer_mgr.wait_for_ready(ref_job_id, infra.trainer_timeout_s)
-            reference = ReconnectableClient.reference(trainer_mgr, ref_job_id, cfg.base_model, fw_api_key=api_key,
-                                                      endpoint=ref_endpoint)
-            release = lambda: (reference.close(), trainer_mgr.delete(ref_job_id))  # noqa: E731
-        else:  # a frozen second model on the policy's own trainer (no extra job to provision)
-            reference = ReconnectableClient.reference(trainer_mgr, job_id, cfg.base_model, fw_api_key=api_key,
-                                                      endpoint=endpoint)
+    if separate_reference:
+        reference = ReconnectableClient(trainer_mgr, ref_job_id, cfg.base_model, 0, fw_api_key=api_key,
+                                        endpoint=wait_job(ref_job_id))
+        release = lambda: (reference.close(), trainer_mgr.delete(ref_job_id))  # noqa: E731
+    elif needs_reference:
+        if infra.ref_training_shape_id:
+            log(f"[launch] LoRA policy: the reference is the frozen base model on the policy trainer "
+                f"({infra.ref_training_shape_id} is not used)")
+        reference = ReconnectableClient(trainer_mgr, job_id, cfg.base_model, fw_api_key=api_key, endpoint=endpoint,
+                                        base_only=True)
+    if reference is not None:
         stack.callback(reference.close)
 
+    tokenizer = load_tokenizer(cfg.tokenizer)
     sampler = syncer = None
-    if deploy_mgr:
-        deploy_mgr.wait_for_ready(deployment_id, deploy.deployment_timeout_s)
-        sampler = Sampler(deploy_mgr, deployment_id, deploy.sample_timeout)
+    if deploy_mgr is not None:
+        log(f"[launch] waiting for deployment {deployment_id}")
+        deploy_mgr.wait_for_ready(deployment_id, timeout_s=deploy.deployment_timeout_s, poll_interval_s=poll_interval_s)
+        sampler = Sampler(DeploymentSampler(
+            inference_url=deploy_mgr.inference_url, model=f"accounts/{deploy_mgr.account_id}/deployments/{deployment_id}",
+            api_key=api_key, tokenizer=tokenizer,
+            concurrency_controller=FixedConcurrencyController(SAMPLING_CONCURRENCY)), deploy.sample_timeout)
         stack.callback(sampler.close)
-        syncer = WeightSyncer(policy, deploy_mgr, deployment_id, cfg.base_model, hotload_timeout=ws.weight_sync_timeout,
+        syncer = WeightSyncer(policy_client=policy, deploy_mgr=deploy_mgr, deployment_id=deployment_id,
+                              base_model=deployment_base_model, hotload_timeout=ws.weight_sync_timeout,
                               first_checkpoint_type=ws.first_checkpoint_type, lora_rank=lora_rank)
-    return Session(policy=policy, reference=reference, sampler=sampler, weight_syncer=syncer,
-                   tokenizer=load_tokenizer(cfg.tokenizer), base_model=cfg.base_model, job_id=job_id,
-                   trainer_mgr=trainer_mgr, deploy_mgr=deploy_mgr, deployment_id=deployment_id,
-                   reference_job_id=ref_job_id, platform_root=platform_root, _release_reference=release)
+    return Session(policy=policy, reference=reference, sampler=sampler, weight_syncer=syncer, tokenizer=tokenizer,
+                   base_model=cfg.base_model, job_id=job_id, trainer_mgr=trainer_mgr, deploy_mgr=deploy_mgr,
+                   deployment_id=deployment_id, reference_job_id=ref_job_id, platform_root=platform_root,
+                   _release_reference=release)
+
+
+def _attach_deployment(cfg: RunConfig, deploy_mgr: "DeploymentManager", deployment_id: str,
+                       shape: str | None, trainer_job_name: str, stack: contextlib.ExitStack,
+                       log: Callable[[str], None], poll_interval_s: float) -> str:
+    """Create the deployment, or point an existing one at this run's trainer; returns the model name hot loads
+    address. A deployment the user named and this run did not create is left running at the end."""
+    from fireworks.training.sdk import DeploymentConfig
+
+    deploy = cfg.deploy
+    existing = deploy_mgr.get(deployment_id)
+    if existing is not None and existing.state not in BAD_DEPLOYMENT_STATES:
+        if shape and existing.deployment_shape_version and existing.deployment_shape_version != shape:
+            raise UserError(f"Deployment {deployment_id} exists with shape {existing.deployment_shape_version}, but "
+                            f"this run needs {shape}. Fix: delete that deployment, or set deploy.deployment_id to "
+                            "another id.")
+        log(f"[launch] deployment {deployment_id} exists; attaching it to {trainer_job_name}")
+        info = deploy_mgr.reattach_trainer(existing, base_model=existing.base_model or cfg.base_model,
+                                           trainer_job_name=trainer_job_name, timeout_s=deploy.deployment_timeout_s,
+                                           poll_interval_s=poll_interval_s)
+        created = False
+    else:
+        replicas = deploy.replica_count or 1
+        log(f"[launch] deployment {deployment_id} on {shape or deploy.accelerator_type}")
+        info = deploy_mgr.create_or_get(DeploymentConfig(
+            deployment_id=deployment_id, base_model=cfg.base_model, description="cookbook",
+            deployment_shape=shape, region=deploy.deployment_region, min_replica_count=replicas,
+            max_replica_count=replicas, hot_load_bucket_type=deploy.hot_load_bucket_type,
+            hot_load_trainer_job=trainer_job_name, disable_speculative_decoding=deploy.disable_speculative_decoding,
+            extra_args=deploy.deployment_extra_args, extra_values=deploy.extra_values, for_training=True,
+            **({} if shape else {"accelerator_type": deploy.accelerator_type})))
+        created = True
+    if created or deploy.deployment_id is None:  # ours: created now, or left behind by an earlier attempt of a run
+        stack.callback(_best_effort, log, f"deleting deployment {deployment_id}",
+                       lambda: (deploy_mgr.scale_to_zero(deployment_id), deploy_mgr.delete(deployment_id)))
+    return info.base_model or cfg.base_model

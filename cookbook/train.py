@@ -15,9 +15,10 @@ from omegaconf import DictConfig
 
 from cookbook.compose import CONFIG_PATH, register_resolvers
 from cookbook.config import register_configs
-from cookbook.errors import UserError
+from cookbook.errors import InfraError, UserError
 
 USER_ERROR_EXIT = 2
+INFRA_ERROR_EXIT = 1
 SWEEP_FAILED_EXIT = 1
 
 
@@ -55,17 +56,22 @@ def _hydra_main(cfg: DictConfig) -> dict | None:
     hydra_cfg = HydraConfig.get()
     try:
         return run_job(cfg, hydra_cfg)
-    except UserError as exc:
+    except (UserError, InfraError) as exc:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # SystemExit would abort the whole sweep; the job is recorded as failed instead
-        _exit_user_error(exc)
+        _exit_with_message(exc, USER_ERROR_EXIT if isinstance(exc, UserError) else INFRA_ERROR_EXIT)
 
 
 def _exit_user_error(exc: UserError) -> None:
+    _exit_with_message(exc, USER_ERROR_EXIT)
+
+
+def _exit_with_message(exc: Exception, code: int) -> None:
+    """One readable paragraph, no traceback: the message names what failed and the fix."""
     from cookbook.rundir import redact
 
     print(f"error: {redact(str(exc))}", file=sys.stderr)
-    sys.exit(USER_ERROR_EXIT)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

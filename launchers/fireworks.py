@@ -1,8 +1,9 @@
 """The `fireworks` launcher: the same session as `local`, pointed at the Fireworks control plane.
 
 URL: `https://api.fireworks.ai`, or `$FIREWORKS_BASE_URL`. Key: `$FIREWORKS_API_KEY` only (never config or files).
-Nothing is started on this machine; trainer jobs and the deployment are created on Fireworks from the shapes in
-`cfg.infra` / `cfg.deploy` and deleted (deployment scaled to zero, then deleted) when the block exits.
+Nothing is started on this machine; trainer jobs and the deployment are created on Fireworks through the official
+SDK from the shapes in `cfg.infra` / `cfg.deploy`, and deleted (deployment scaled to zero, then deleted) when the
+block exits.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from typing import Callable, Iterator
 
 from cookbook.config import RunConfig
 from cookbook.errors import UserError
-from cookbook.fireworks_api import DEFAULT_BASE_URL
 from cookbook.session import Session, build_session
 
+DEFAULT_BASE_URL = "https://api.fireworks.ai"
 
 
 def _poll_interval_s() -> float:

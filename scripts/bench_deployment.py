@@ -17,7 +17,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,18 +46,24 @@ def bench_hf_generate(model_name: str, batch: int, prompt_len: int, new_tokens: 
     return batch * new_tokens / statistics.median(times)
 
 
-def bench_deployment(dm, dep: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
+def bench_deployment(sampler, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
+    """`batch` concurrent completions through the SDK's DeploymentSampler (the rollout path), EOS ignored so every
+    completion has exactly `new_tokens` tokens."""
+    import asyncio
     import random
-    pool = ThreadPoolExecutor(batch)
+
     prompts = [[random.randrange(250) for _ in range(prompt_len)] for _ in range(batch)]
 
-    def one(p):
-        body = {"prompt": p, "max_tokens": new_tokens, "temperature": 1.0, "ignore_eos": True}
-        reply = dm.completions(dep, body)
-        return len(reply["choices"][0]["raw_output"]["completion_token_ids"])
+    async def one(p):
+        [c] = await sampler.sample_with_prompt_tokens(p, n=1, max_tokens=new_tokens, temperature=1.0,
+                                                      ignore_eos=True)
+        return c.completion_len
+
+    async def gather():
+        return sum(await asyncio.gather(*(one(p) for p in prompts)))
 
     def run():
-        return sum(pool.map(one, prompts))
+        return asyncio.run(gather())
 
     run()
     times = []
@@ -101,32 +106,34 @@ def main() -> None:
     torch.set_num_threads(args.threads)  # a fair comparison: HF generate here, the deployment process there
     os.environ["COOKBOOK_TORCH_THREADS"] = str(args.threads)
 
+    import contextlib
+
     import tinker
+    from fireworks.training.sdk import DeploymentSampler, FixedConcurrencyController
 
-    from cookbook.client import ReconnectableClient
-    from cookbook.config import DeployConfig
-    from cookbook.fireworks_api import DeploymentManager, TrainerJobManager
+    from cookbook.config import DeployConfig, InfraConfig, RunConfig, SFTConfig
     from cookbook.local.platform import LocalPlatform
-    from cookbook.weight_sync import WeightSyncer
+    from cookbook.session import build_session
 
-    shape = f"accounts/local/trainingShapes/{args.model}"
-    with tempfile.TemporaryDirectory() as root, LocalPlatform(root) as p:
-        tm = TrainerJobManager(p.api_key, p.base_url, poll_interval_s=0.02)
-        dm = DeploymentManager(p.api_key, p.base_url, poll_interval_s=0.02)
-        tm.create(args.model, shape, job_id="bench")
-        dm.create_or_get(DeployConfig(deployment_id="bench"), args.model, hot_load_trainer_job=tm.job_name("bench"))
-        client = ReconnectableClient(tm, "bench", args.model, fw_api_key=p.api_key, ready_timeout=300)
-        dm.wait_for_ready("bench", 300)
+    cfg = RunConfig(infra=InfraConfig(training_shape_id=f"accounts/local/trainingShapes/{args.model}",
+                                      trainer_timeout_s=300), deploy=DeployConfig(deployment_id="bench"),
+                    recipe=SFTConfig(), base_model=args.model)
+    with tempfile.TemporaryDirectory() as root, LocalPlatform(root) as p, contextlib.ExitStack() as stack:
+        cfg.log_path = root
+        session = build_session(cfg, p.base_url, p.api_key, needs_reference=False, needs_deployment=True,
+                                stack=stack, log=lambda _: None, poll_interval_s=0.02)
+        client, syncer = session.policy, session.weight_syncer
+        sampler = DeploymentSampler(inference_url=p.base_url, model="accounts/local/deployments/bench",
+                                    api_key=p.api_key, concurrency_controller=FixedConcurrencyController(args.batch))
 
         # Interleaved rounds, so a busy neighbour slows both sides alike; the ratio is the median of per-round ratios.
-        rounds = [(bench_deployment(dm, "bench", args.batch, args.prompt_len, args.new_tokens, 1),
+        rounds = [(bench_deployment(sampler, args.batch, args.prompt_len, args.new_tokens, 1),
                    bench_hf_generate(args.model, args.batch, args.prompt_len, args.new_tokens, 1))
                   for _ in range(args.repeats)]
         dep_tps = statistics.median(d for d, _ in rounds)
         hf_tps = statistics.median(h for _, h in rounds)
         sample_ratio = statistics.median(d / h for d, h in rounds)
 
-        syncer = WeightSyncer(client, dm, "bench", args.model, hotload_timeout=120)
         data = [tinker.Datum(model_input=tinker.ModelInput.from_ints(list(range(1, 33))),
                              loss_fn_inputs={"target_tokens": tinker.TensorData(data=list(range(2, 34)), dtype="int64",
                                                                                 shape=[32])})]
@@ -136,7 +143,7 @@ def main() -> None:
                 client.forward_backward(data, "cross_entropy")
                 client.optim_step(tinker.AdamParams(learning_rate=1e-3))
                 t0 = time.perf_counter()
-                identity, _ = syncer.save_only(f"{ctype}{i}", ctype)  # trainer export
+                identity = syncer.save_only(f"{ctype}{i}", ctype)  # trainer export
                 t1 = time.perf_counter()
                 syncer.hotload(identity, ctype)  # deployment load + wait until it serves it
                 timings[ctype].append((t1 - t0, time.perf_counter() - t1))
@@ -144,7 +151,6 @@ def main() -> None:
                for k, v in timings.items()}  # the first round is warm-up
         base_s, delta_s = sum(med["base"]), sum(med["delta"])
         raw_s = bench_raw_safetensors(args.model, args.repeats + 2)
-        client.close()
 
     print(f"model {args.model}, batch {args.batch}, prompt {args.prompt_len}, new tokens {args.new_tokens}")
     print(f"sampling   deployment {dep_tps:8.0f} tok/s   HF generate {hf_tps:8.0f} tok/s   "

@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import torch  # noqa: E402
 from tinker import types  # noqa: E402
 
-from cookbook import tinker_ext  # noqa: E402
+from fireworks.training.sdk import FiretitanServiceClient  # noqa: E402
+
 from cookbook.local import models  # noqa: E402
 from trainer_harness import start_trainer  # noqa: E402
 
@@ -64,8 +65,7 @@ def bench(name: str, reps: int) -> dict[str, float]:
                         loss_fn_inputs={"target_tokens": s[1:].tolist()}) for s in seqs]
     model = models.load_model(name, seed=0)
     with tempfile.TemporaryDirectory() as root, start_trainer(Path(root), "bench", name, threads=None) as tr:
-        svc = tinker_ext.create_service_client(tr.base_url, tr.api_key)
-        tc = tinker_ext.create_training_client(svc, name)
+        tc = FiretitanServiceClient(base_url=tr.base_url, api_key=tr.api_key).create_training_client(base_model=name)
         custom = lambda d, lps: (-sum(lp.sum() for lp in lps), {})  # noqa: E731
         sdk_fb = lambda: tc.forward_backward(data, "cross_entropy").result()  # noqa: E731
         sdk_custom = lambda: tc.forward_backward_custom(data, custom).result()  # noqa: E731
@@ -77,10 +77,10 @@ def bench(name: str, reps: int) -> dict[str, float]:
             t_sdk.append(timed(sdk_fb))
             t_custom.append(timed(sdk_custom))
         tc.optim_step(types.AdamParams(learning_rate=0)).result()  # drop the accumulated grads
-        base = tc.save_weights_for_sampler_ext("b", "base").result()
+        base = tc.save_weights_for_sampler_ext("b", "base")
         tc.forward_backward(data, "cross_entropy").result()
         tc.optim_step(types.AdamParams(learning_rate=1e-4)).result()
-        delta = tc.save_weights_for_sampler_ext("d", "delta").result()
+        delta = tc.save_weights_for_sampler_ext("d", "delta")
         base_size = dir_bytes(tr.store / "sampler" / base.snapshot_name, "*.safetensors")
         delta_size = dir_bytes(tr.store / "sampler" / delta.snapshot_name, "delta.bin")
     med = statistics.median

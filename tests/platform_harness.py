@@ -15,10 +15,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 MODEL = "local-micro"
 SHAPE = f"accounts/local/trainingShapes/{MODEL}"
+REF_SHAPE = f"{SHAPE}-forward"  # the forward-only reference shape
 
 
 def run_config(log_path: str | Path, deployment_id: str | None = None, ref_shape: str | None = None) -> RunConfig:
-    return RunConfig(infra=InfraConfig(training_shape_id=SHAPE, ref_training_shape_id=ref_shape, trainer_timeout_s=120),
+    return RunConfig(infra=InfraConfig(training_shape_id=SHAPE, ref_training_shape_id=ref_shape, trainer_timeout_s=120,
+                                       trainer_pending_timeout_s=60),
                      deploy=DeployConfig(deployment_id=deployment_id, deployment_timeout_s=120),
                      recipe=SFTConfig(), base_model=MODEL, log_path=str(log_path))
 

@@ -59,6 +59,28 @@ def test_fireworks_shape_without_key_explains_how_to_run_locally():
     assert "FIREWORKS_API_KEY" in result.stderr and "infra=local-tiny" in result.stderr
 
 
+def test_unreachable_control_plane_fails_fast_naming_the_url(tmp_path):
+    """The SDK retries a refused connection silently for minutes; the run fails within 30 s instead: exit 1 and one
+    paragraph naming the URL (no traceback)."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    env = {**os.environ, "FIREWORKS_API_KEY": "fw_test_key", "FIREWORKS_BASE_URL": url}
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "cookbook.train", "+recipe=grpo", "infra=qwen3-8b-h200",
+                             f"log_path={tmp_path}/run"], capture_output=True, text=True, cwd=REPO, env=env,
+                            timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert elapsed < 30, elapsed
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: ") and url in message and "FIREWORKS_BASE_URL" in message
+    assert "Traceback" not in result.stderr
+    assert "fw_test_key" not in result.stderr + result.stdout
+
+
 def test_dry_run_plans_fireworks_shapes_without_credentials(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "FIREWORKS_API_KEY"}
     result = subprocess.run(

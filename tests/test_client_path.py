@@ -1,10 +1,13 @@
-"""The one client code path, end to end against the embedded platform (real servers on loopback, no mocks).
+"""The one client code path — the official Fireworks SDK under `build_session` — end to end against the embedded
+platform (real servers on loopback, no mocks).
 
-One module-scoped platform with one policy trainer job and one deployment; tests run in file order and share it.
+One module-scoped platform and one session (policy trainer job + deployment) built exactly as a run builds it;
+tests run in file order and share it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import httpx
@@ -12,12 +15,9 @@ import pytest
 import tinker
 
 from cookbook.client import ReconnectableClient
-from cookbook.config import DeployConfig
-from cookbook.fireworks_api import DeploymentManager, FireworksAPIError, TrainerJobManager
 from cookbook.local.platform import LocalPlatform
-from cookbook.session import Sampler
-from cookbook.weight_sync import WeightSyncer
-from tests.platform_harness import (MODEL, SHAPE, datum, max_abs_diff, run_config, trainer_completion_logprobs)
+from cookbook.session import build_session
+from tests.platform_harness import MODEL, REF_SHAPE, datum, max_abs_diff, run_config, trainer_completion_logprobs
 
 DEP = "client-path"
 PROMPT = [10, 11, 12, 13, 14]
@@ -27,16 +27,14 @@ ADAM = tinker.AdamParams(learning_rate=5e-3)
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("platform")
-    with LocalPlatform(root) as platform:
-        tm = TrainerJobManager(platform.api_key, platform.base_url, poll_interval_s=0.1)
-        dm = DeploymentManager(platform.api_key, platform.base_url, poll_interval_s=0.1)
-        tm.create(MODEL, SHAPE, job_id="policy")
-        dm.create_or_get(DeployConfig(deployment_id=DEP), MODEL, hot_load_trainer_job=tm.job_name("policy"))
-        client = ReconnectableClient(tm, "policy", MODEL, fw_api_key=platform.api_key, ready_timeout=120)
-        dm.wait_for_ready(DEP, 120)
-        syncer = WeightSyncer(client, dm, DEP, MODEL, hotload_timeout=60)
-        yield dict(platform=platform, tm=tm, dm=dm, client=client, syncer=syncer, sampler=Sampler(dm, DEP))
-        client.close()
+    logs: list[str] = []
+    with LocalPlatform(root) as platform, contextlib.ExitStack() as stack:
+        session = build_session(run_config(root / "run", deployment_id=DEP), platform.base_url, platform.api_key,
+                                needs_reference=False, needs_deployment=True, stack=stack, log=logs.append,
+                                poll_interval_s=0.1)
+        yield dict(platform=platform, session=session, tm=session.trainer_mgr, dm=session.deploy_mgr,
+                   client=session.policy, syncer=session.weight_syncer, sampler=session.sampler, job=session.job_id,
+                   logs=logs)
 
 
 def _train_step(client, seed: int = 0) -> None:
@@ -47,27 +45,47 @@ def _train_step(client, seed: int = 0) -> None:
 
 def _deployment_lps(env, completion_tokens: list[int]) -> list[float]:
     """Deployment logprobs of given completion tokens (echo of prompt+completion, max_tokens 0)."""
-    body = {"prompt": PROMPT + completion_tokens, "max_tokens": 0, "echo": True, "temperature": 1.0}
-    reply = env["dm"].completions(DEP, body)
+    p = env["platform"]
+    body = {"model": f"accounts/local/deployments/{DEP}", "prompt": PROMPT + completion_tokens, "max_tokens": 0,
+            "echo": True, "temperature": 1.0, "logprobs": True}
+    reply = httpx.post(f"{p.base_url}/inference/v1/completions", json=body, headers={"X-Api-Key": p.api_key},
+                       timeout=60).raise_for_status().json()
     content = reply["choices"][0]["logprobs"]["content"]
     return [e["logprob"] for e in content][len(PROMPT):]
 
 
+def _hotload_state(env) -> dict:
+    return env["dm"].hotload_check_status(DEP, MODEL)["replicas"][0]
+
+
+def test_session_was_provisioned_from_the_shape(env):
+    """The deployment is pinned to the training shape's deployment shape; the trainer learned its context length
+    from the shape; no reference trainer was created for a recipe that needs none."""
+    profile = env["tm"].resolve_training_profile(run_config("x").infra.training_shape_id)
+    assert profile.deployment_shape
+    assert env["dm"].get(DEP).deployment_shape_version == profile.deployment_shape
+    job = env["tm"].get(env["job"])
+    assert job["trainingConfig"]["maxContextLength"] == profile.max_supported_context_length
+    assert job["trainingConfig"]["learningRate"] == pytest.approx(run_config("x").recipe.learning_rate)
+    assert env["session"].reference is None and env["session"].reference_job_id is None
+    assert sum("[launch] trainer job" in line for line in env["logs"]) == 1
+
+
 def test_whole_path(env):
-    client, tm = env["client"], env["tm"]
-    assert client.endpoint.job_id == "policy" and client.job_id == "policy"
-    assert client.endpoint.base_url.endswith("/training/v1/rlorTrainerJobs/local/policy")
+    client, tm, job = env["client"], env["tm"], env["job"]
+    assert client.job_id == job and client.endpoint.job_id == job
+    assert client.endpoint.base_url.endswith(f"/training/v1/rlorTrainerJobs/local/{job}")
     out = client.forward_backward([datum(list(range(30, 42)))], "cross_entropy")
     assert out.metrics["loss:sum"] > 0
     assert client.optim_step(ADAM, grad_accumulation_normalization="num_loss_tokens") is not None
     client.save_state("step-1")
     assert "step-1" in client.list_checkpoints()
-    rows = tm.list_checkpoints("policy")
-    assert any(r["name"].endswith("/step-1") and r["checkpointType"] == "CHECKPOINT_TYPE_TRAINING" for r in rows)
+    rows = tm.list_checkpoints(job)
+    assert any(r["name"].endswith("/step-1") and r["checkpointType"].startswith("CHECKPOINT_TYPE_TRAINING")
+               for r in rows)
     client.load_state_with_optimizer(client.resolve_checkpoint_path("step-1"))
     identity = env["syncer"].save_and_hotload("step-1")
-    status = env["dm"].hotload_status(DEP, MODEL)
-    assert status["current_snapshot_identity"] == identity
+    assert _hotload_state(env)["current_snapshot_identity"] == identity
     [completions] = env["sampler"].sample_many([PROMPT], n=3, max_tokens=6, seed=1)
     assert len(completions) == 3
     for c in completions:
@@ -75,9 +93,9 @@ def test_whole_path(env):
 
 
 def test_failures_propagate(env):
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="not found"):
         env["client"].load_state_with_optimizer("no-such-checkpoint")
-    with pytest.raises(FireworksAPIError, match="not found"):
+    with pytest.raises(RuntimeError, match="not found"):
         env["tm"].get("no-such-job")
 
 
@@ -95,12 +113,29 @@ def test_logprobs_match_trainer_only_after_sync(env):
     assert c.sampling_logprobs == pytest.approx(c.logprobs, abs=1e-5)  # temperature 1, top_p 1
 
 
-def test_delta_equals_base_and_wrong_predecessor_rejected(env):
-    client, syncer, dm = env["client"], env["syncer"], env["dm"]
+def test_stop_tokens_travel_as_strings_and_end_the_completion(env):
+    """The recipes pass stop token ids; the SDK sends them as strings and the deployment stops on them, keeping the
+    stop token in the completion (the policy must learn to emit it)."""
+    [[free]] = env["sampler"].sample_many([PROMPT], n=1, max_tokens=12, temperature=0.0, seed=0)
+    texts = [env["session"].tokenizer.decode([t]) for t in free.tokens]
+    # a token whose text is one printable character not seen earlier in the completion: the stop string's first
+    # match is then exactly that token
+    candidates = [i for i in range(1, len(texts)) if len(texts[i]) == 1 and texts[i].isascii()
+                  and texts[i].isprintable() and texts[i] not in "".join(texts[:i])]
+    assert candidates, texts
+    stop = free.tokens[candidates[0]]
+    [[stopped]] = env["sampler"].sample_many([PROMPT], n=1, max_tokens=12, temperature=0.0, seed=0,
+                                             stop_token_ids=[stop])
+    assert stopped.tokens == free.tokens[:candidates[0] + 1]
+    assert stopped.finish_reason == "stop"
+
+
+def test_delta_equals_base_and_a_failed_hot_load_raises(env):
+    client, syncer = env["client"], env["syncer"]
     _train_step(client, 2)
     delta_id = syncer.save_and_hotload("step-d")
-    assert json.loads((env["platform"].jobs_root / "policy" / "sampler" / delta_id / "snapshot.json")
-                      .read_text())["kind"] == "delta"
+    store = env["platform"].jobs_root / env["job"] / "sampler"
+    assert json.loads((store / delta_id / "snapshot.json").read_text())["kind"] == "delta"
     probe = [40, 41, 42, 43, 44, 45]
     via_delta = _deployment_lps(env, probe)
     base_id = syncer.save_and_hotload("step-b", checkpoint_type="base")  # same weights, full snapshot
@@ -110,35 +145,36 @@ def test_delta_equals_base_and_wrong_predecessor_rejected(env):
     assert max_abs_diff(via_base, trainer_completion_logprobs(client, PROMPT, probe)) <= 1e-4
 
     # A delta whose predecessor is not what the deployment holds: d1 is saved but never loaded, d2 chains to d1.
-    d1, _ = syncer.save_only("orphan-1", "delta")
-    d2, _ = syncer.save_only("orphan-2", "delta")
-    dm.hotload(DEP, MODEL, d2, previous_snapshot_identity=d1)
-    with pytest.raises(RuntimeError, match="failed"):
-        dm.wait_for_hotload(DEP, MODEL, d2, timeout_s=30)
-    status = dm.hotload_status(DEP, MODEL)
-    assert status["current_snapshot_identity"] == base_id
-    assert status["loading_state"]["stage"] == "error" and status["loading_state"]["target_snapshot_identity"] == d2
+    # The SDK reports such a load by returning False; our syncer raises with the deployment's diagnosis.
+    syncer.save_only("orphan-1", "delta")
+    d2 = syncer.save_only("orphan-2", "delta")
+    with pytest.raises(RuntimeError, match="orphan-2"):
+        syncer.hotload(d2, "delta")
+    state = _hotload_state(env)
+    assert state["current_snapshot_identity"] == base_id
+    assert state["loading_state"]["stage"] == "error" and state["loading_state"]["target_snapshot_identity"] == d2
     assert _deployment_lps(env, probe) == via_base  # weights untouched by the rejected load
-    syncer.reset_delta_chain()
+    syncer.save_and_hotload("recovered", checkpoint_type="base")
 
 
 def test_promote_base_snapshot(env):
     from cookbook.local.models import load_model
 
-    rows = [r for r in env["tm"].list_checkpoints("policy") if r["promotable"]]
-    name = rows[-1]["name"].rsplit("/", 1)[-1]
-    model = env["tm"].promote_checkpoint("policy", name, "promoted-test", MODEL)
+    rows = [r for r in env["tm"].list_checkpoints(env["job"]) if r["promotable"]]
+    model = env["tm"].promote_checkpoint(name=rows[-1]["name"], output_model_id="promoted-test", base_model=MODEL)
     assert model["state"] == "READY" and model["name"].endswith("/models/promoted-test")
     loaded = load_model(str(env["platform"].models_root / "promoted-test"))
     assert loaded.config.vocab_size > 0
 
 
 def test_reattach_by_job_id_after_creator_is_gone(env):
+    from fireworks.training.sdk import TrainerJobManager
+
     platform = env["platform"]
     env["client"].save_state("before-reattach")
     # A fresh manager and client that know only the job id (as a restarted driver would).
-    tm2 = TrainerJobManager(platform.api_key, platform.base_url, poll_interval_s=0.1)
-    client2 = ReconnectableClient(tm2, "policy", MODEL, fw_api_key=platform.api_key, ready_timeout=60)
+    tm2 = TrainerJobManager(api_key=platform.api_key, base_url=platform.base_url)
+    client2 = ReconnectableClient(tm2, env["job"], MODEL, fw_api_key=platform.api_key)
     try:
         assert "before-reattach" in client2.list_checkpoints()
         client2.load_state_with_optimizer("before-reattach")
@@ -153,18 +189,9 @@ def test_64_concurrent_requests_and_streaming(env):
     prompts = [[20 + i % 50, 30, 40 + i % 7] for i in range(64)]
     results = env["sampler"].sample_many(prompts, n=1, max_tokens=8, temperature=0.8, top_p=0.9)
     assert len(results) == 64 and all(len(r) == 1 and r[0].tokens for r in results)
-    # The streaming dialect the Fireworks SDK's DeploymentSampler uses.
-    p = env["platform"]
-    body = {"model": f"accounts/local/deployments/{DEP}", "prompt": PROMPT, "max_tokens": 4, "stream": True,
-            "raw_output": True, "logprobs": True, "temperature": 1.0}
-    r = httpx.post(f"{p.base_url}/inference/v1/completions", json=body, headers={"X-Api-Key": p.api_key}, timeout=60)
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
-    chunks = [json.loads(e) for e in events[:-1]]
-    content = [x for ch in chunks for x in ch["choices"][0].get("logprobs", {}).get("content", [])]
-    raw = [ch["choices"][0]["raw_output"] for ch in chunks if ch["choices"][0].get("raw_output")][-1]
-    assert len(content) == len(raw["completion_token_ids"]) and chunks[-1]["choices"][0]["finish_reason"]
+    alone = env["sampler"].sample_many(prompts[:1], n=2, max_tokens=8, temperature=0.8, top_p=0.9, seed=5)
+    batched = env["sampler"].sample_many(prompts[:1] * 3, n=2, max_tokens=8, temperature=0.8, top_p=0.9, seed=5)
+    assert [c.tokens for c in alone[0]] == [c.tokens for c in batched[0]]  # a seed fixes a completion's stream
 
 
 def _port(platform: LocalPlatform, name: str) -> int:
@@ -172,15 +199,15 @@ def _port(platform: LocalPlatform, name: str) -> int:
 
 
 def test_every_server_rejects_requests_without_the_key(env):
-    p = env["platform"]
-    trainer, dep = _port(p, "trainer-policy"), _port(p, f"deployment-{DEP}")
+    p, job = env["platform"], env["job"]
+    trainer, dep = _port(p, f"trainer-{job}"), _port(p, f"deployment-{DEP}")
     urls = [("GET", f"{p.base_url}/v1/accounts"),
-            ("GET", f"{p.base_url}/training/v1/rlorTrainerJobs/local/policy/api/v1/healthz"),
+            ("GET", f"{p.base_url}/training/v1/rlorTrainerJobs/local/{job}/api/v1/healthz"),
             ("GET", f"http://127.0.0.1:{trainer}/api/v1/healthz"),
             ("POST", f"http://127.0.0.1:{dep}/inference/v1/completions"),
             ("GET", f"http://127.0.0.1:{dep}/hot_load/v1/models/hot_load")]
     for method, url in urls:
-        for headers in ({}, {"X-Api-Key": "tml-" + "0" * 32}):
+        for headers in ({}, {"X-Api-Key": "fw_local_" + "0" * 32}):
             r = httpx.request(method, url, headers=headers, json={"prompt": [1], "max_tokens": 1}, timeout=10)
             assert r.status_code in (401, 403), (url, headers, r.status_code)
     # ... and the same requests with the key get through.
@@ -189,18 +216,23 @@ def test_every_server_rejects_requests_without_the_key(env):
 
 
 def test_fireworks_launcher_is_the_same_flow_on_another_url(env, monkeypatch, tmp_path):
-    """`launchers.fireworks` pointed at the embedded control plane: only the URL and key differ."""
+    """`launchers.fireworks` pointed at the embedded control plane: only the URL and key differ. With a reference
+    shape set and a recipe that needs a reference, the reference is a separate forward-only trainer job driven by a
+    plain rank-0 training client (and it cannot train)."""
     from launchers import fireworks
 
     p = env["platform"]
     monkeypatch.setenv("FIREWORKS_BASE_URL", p.base_url)
     monkeypatch.setenv("FIREWORKS_API_KEY", p.api_key)
     monkeypatch.setenv("FIREWORKS_POLL_INTERVAL_S", "0.2")
-    cfg = run_config(tmp_path, deployment_id="fw-launcher")
+    cfg = run_config(tmp_path, deployment_id="fw-launcher", ref_shape=REF_SHAPE)
     logs: list[str] = []
     with fireworks.launch(cfg, needs_reference=True, needs_deployment=True, log=logs.append) as s:
-        job_id = s.job_id
+        job_id, ref_job_id = s.job_id, s.reference_job_id
+        assert ref_job_id and env["tm"].get(ref_job_id)["forwardOnly"] is True and not s.reference.base_only
         ref = s.reference.forward([datum(list(range(60, 70)))], "cross_entropy").loss_fn_outputs[0]["logprobs"].data
+        with pytest.raises(Exception, match="(?i)forward.only"):
+            s.reference.forward_backward([datum(list(range(60, 70)))], "cross_entropy")
         s.policy.forward_backward([datum(list(range(60, 70)))], "cross_entropy")
         s.policy.optim_step(ADAM)
         identity = s.weight_syncer.save_and_hotload("step-1")
@@ -208,12 +240,32 @@ def test_fireworks_launcher_is_the_same_flow_on_another_url(env, monkeypatch, tm
         assert max_abs_diff(c.logprobs, trainer_completion_logprobs(s.policy, PROMPT, c.tokens)) <= 1e-4
         again = s.reference.forward([datum(list(range(60, 70)))], "cross_entropy").loss_fn_outputs[0]["logprobs"].data
         assert list(ref) == list(again)  # the reference stays frozen while the policy trains
-        assert s.deploy_mgr.hotload_status("fw-launcher", MODEL)["current_snapshot_identity"] == identity
+        status = s.deploy_mgr.hotload_check_status("fw-launcher", MODEL)["replicas"][0]
+        assert status["current_snapshot_identity"] == identity
     # Teardown deleted what the launcher created, and nothing else.
-    with pytest.raises(FireworksAPIError, match="not found"):
-        env["tm"].get(job_id)
+    for gone in (job_id, ref_job_id):  # deleted jobs stay as tombstones (their checkpoints remain promotable)
+        assert env["tm"].get(gone)["state"] == "JOB_STATE_DELETED"
     assert env["dm"].get("fw-launcher") is None
-    assert env["tm"].get("policy")["state"] == "JOB_STATE_RUNNING"
+    assert env["tm"].get(env["job"])["state"] == "JOB_STATE_RUNNING"
+
+
+def test_reference_trainer_only_when_the_recipe_needs_one(env, tmp_path):
+    """A reference shape alone provisions nothing (GRPO with kl_beta=0); without a reference shape, a needed
+    reference is a frozen base-only model on the policy's own trainer."""
+    p = env["platform"]
+    for needs_reference in (False, True):
+        logs: list[str] = []
+        cfg = run_config(tmp_path / str(needs_reference), ref_shape=REF_SHAPE if not needs_reference else None)
+        with contextlib.ExitStack() as stack:
+            s = build_session(cfg, p.base_url, p.api_key, needs_reference=needs_reference, needs_deployment=False,
+                              stack=stack, log=logs.append, poll_interval_s=0.1)
+            assert s.reference_job_id is None and sum("[launch] trainer job" in m for m in logs) == 1
+            if needs_reference:
+                assert s.reference.base_only and s.reference.job_id == s.job_id
+                lps = s.reference.forward([datum(list(range(70, 80)))], "cross_entropy").loss_fn_outputs[0]
+                assert len(lps["logprobs"].data) == 9
+            else:
+                assert s.reference is None
 
 
 def test_fireworks_launcher_without_key_is_a_user_error(monkeypatch, tmp_path):

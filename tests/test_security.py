@@ -23,7 +23,7 @@ SECRETS = {
     "TINKER_API_KEY": "tml-SECRETtinker0123456789abcdef",
     "HF_TOKEN": "hf_SECRETtoken0123456789",
 }
-PLATFORM_KEY = re.compile(r"tml-[0-9a-f]{32}")
+PLATFORM_KEY = re.compile(r"fw_local_[0-9a-f]{32}")
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -172,15 +172,19 @@ def test_on_job_end_writes_a_dry_run_plan_only_in_multirun(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_dry_run_over_the_fireworks_shapes_needs_no_credentials(tmp_path):
+@pytest.mark.parametrize("kl_beta,references", [(0.0, 0), (0.01, 1)])
+def test_dry_run_over_the_fireworks_shapes_needs_no_credentials(tmp_path, kl_beta, references):
+    """GRPO provisions a reference trainer only with kl_beta > 0, and only on a shape with a reference shape (qwen3-8b);
+    qwen3p5-9b has none, so its reference is the frozen base model on the policy trainer."""
     sweep_dir = tmp_path / "shapes"
-    result = run_cli("-m", "+recipe=grpo", "+sweep=shapes", "dry_run=true", f"hydra.sweep.dir={sweep_dir}",
-                     env=no_fireworks_key(), timeout=120)
+    result = run_cli("-m", "+recipe=grpo", "+sweep=shapes", f"recipe.kl_beta={kl_beta}", "dry_run=true",
+                     f"hydra.sweep.dir={sweep_dir}", env=no_fireworks_key(), timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("[dry-run] +recipe=grpo") + result.stdout.count("[dry-run] infra=") == 2
     for shape in ("qwen3-8b-128k-h200", "qwen3p5-9b-256k"):
         assert f"policy_trainer     accounts/fireworks/trainingShapes/{shape}" in result.stdout
-    assert ("[dry-run] 2 jobs would create 2 policy trainers, 1 reference trainer and 2 deployments; "
+    noun = "reference trainer" if references == 1 else "reference trainers"
+    assert (f"[dry-run] 2 jobs would create 2 policy trainers, {references} {noun} and 2 deployments; "
             "nothing was started.") in result.stdout
     assert not list(sweep_dir.rglob("status.json")) and not list(sweep_dir.rglob("metrics.jsonl"))
 

@@ -1,13 +1,13 @@
-"""The embedded trainer service driven by the real tinker 0.23 SDK over HTTP (plus raw httpx for malformed input).
+"""The embedded trainer service driven over HTTP by the official Fireworks SDK (tinker 0.23 underneath), by plain
+tinker, and by raw httpx for malformed input.
 
-One service per module (local-micro, seed 0); each test creates its own model on it so tests stay independent.
+One service per module (local-micro, seed 0); each test creates its own model on it (through its own SDK service
+client, as the SDK wants one per training client) so tests stay independent.
 Weights are read back through base sampler snapshots (the HF-loadable export), so every comparison also exercises
 the export path.
 """
 
 from __future__ import annotations
-
-import inspect
 
 import httpx
 import pytest
@@ -16,7 +16,8 @@ import torch
 from tinker import types
 from transformers import AutoModelForCausalLM
 
-from cookbook import tinker_ext
+from fireworks.training.sdk import FiretitanServiceClient
+
 from cookbook.local import models, snapshots
 from trainer_harness import start_trainer
 
@@ -38,7 +39,13 @@ def trainer(jobs_root):
 
 @pytest.fixture(scope="module")
 def service(trainer):
-    return tinker_ext.create_service_client(trainer.base_url, trainer.api_key)
+    return FiretitanServiceClient(base_url=trainer.base_url, api_key=trainer.api_key)
+
+
+def new_client(trainer, lora_rank: int = 0):
+    """A fresh model on the trainer through its own SDK service client (one training client per service)."""
+    return FiretitanServiceClient(base_url=trainer.base_url, api_key=trainer.api_key).create_training_client(
+        base_model=BASE, lora_rank=lora_rank)
 
 
 def datum(tokens, weights=None):
@@ -54,7 +61,7 @@ def rand_tokens(n, seed):
 
 
 def weights_of(trainer, tc, name) -> dict[str, torch.Tensor]:
-    res = tc.save_weights_for_sampler_ext(name, "base").result()
+    res = tc.save_weights_for_sampler_ext(name, "base")
     return snapshots.apply_snapshot(trainer.store / "sampler" / res.snapshot_name, None, None)
 
 
@@ -81,33 +88,8 @@ def adam(lr=1e-3):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-def test_private_tinker_internals_we_rely_on_exist():
-    """tinker_ext reaches into tinker 0.23 internals the way the Fireworks SDK does; fail loudly if they move."""
-    from tinker.lib import internal_client_holder as holder_module
-    from tinker.lib.api_future_impl import _APIFuture
-
-    assert tinker.__version__ == "0.23.0"
-    assert hasattr(holder_module, "ApiKeyAuthProvider")
-    from tinker.lib.public_interfaces import training_client as tc_module
-
-    tc = tinker.TrainingClient
-    for name in ("_get_request_id", "_take_turn", "_guaranteed_model_id"):
-        assert callable(getattr(tc, name)), name
-    assert "self._queue_state_logger =" in inspect.getsource(tc_module)
-    assert list(inspect.signature(tc._take_turn).parameters) == ["self", "min_turn", "max_turn"]
-    assert list(inspect.signature(tc.__init__).parameters) == ["self", "holder", "model_seq_id", "model_id"]
-    holder = holder_module.InternalClientHolder
-    for name in ("get_training_client_id", "get_session_id", "aclient", "execute_with_retries",
-                 "run_coroutine_threadsafe"):
-        assert callable(getattr(holder, name)), name
-    assert "_client_config" in inspect.signature(holder.__init__).parameters
-    params = inspect.signature(_APIFuture.__init__).parameters
-    assert {"request_start_time", "request_type", "queue_state_observer"} <= set(params), list(params)
-    assert inspect.signature(types.OptimStepRequest).parameters.keys() >= {"adam_params", "model_id", "seq_id"}
-
-
-def test_forward_matches_independent_torch(service):
-    tc = tinker_ext.create_training_client(service, BASE)
+def test_forward_matches_independent_torch(trainer):
+    tc = new_client(trainer)
     seqs = [rand_tokens(n, i) for i, n in enumerate([9, 17, 5])]
     out = tc.forward([datum(s) for s in seqs], "cross_entropy").result()
     ref = torch_logprobs(models.load_model(BASE, seed=SEED), seqs)
@@ -117,17 +99,17 @@ def test_forward_matches_independent_torch(service):
 
 
 def test_fireworks_style_key_and_auth(trainer):
-    # a non-tml key is sent verbatim (no client/config call); a wrong key gets 401 JSON
+    # a Fireworks key is sent verbatim (no client/config call); a wrong key gets 401 JSON
     with pytest.raises(Exception):
-        tinker_ext.create_service_client(trainer.base_url, "fw-not-the-key")
+        FiretitanServiceClient(base_url=trainer.base_url, api_key="fw-not-the-key").create_training_client(BASE)
     r = httpx.post(f"{trainer.base_url}/api/v1/create_session", json={}, headers={"X-API-Key": "tml-wrong"})
     assert r.status_code == 401 and "error" in r.json()
     r = httpx.get(f"{trainer.base_url}/api/v1/healthz", headers={"Authorization": f"Bearer {trainer.api_key}"})
     assert r.status_code == 200 and r.json() == {"status": "ok"}
 
 
-def test_custom_loss_update_equals_torch_autograd(trainer, service):
-    tc = tinker_ext.create_training_client(service, BASE)
+def test_custom_loss_update_equals_torch_autograd(trainer):
+    tc = new_client(trainer)
     seqs = [rand_tokens(12, 10 + i) for i in range(3)]  # equal lengths: same batch layout as the reference
 
     def loss_fn(data, lps):
@@ -148,9 +130,9 @@ def test_custom_loss_update_equals_torch_autograd(trainer, service):
     assert_states_close(got, snapshots.canonical_state(ref), atol=2e-6)
 
 
-def test_forward_never_touches_grads_or_weights(trainer, service):
-    a = tinker_ext.create_training_client(service, BASE)
-    b = tinker_ext.create_training_client(service, BASE)
+def test_forward_never_touches_grads_or_weights(trainer):
+    a = new_client(trainer)
+    b = new_client(trainer)
     d1, d2 = [datum(rand_tokens(10, 1))], [datum(rand_tokens(14, 2))]
     initial = weights_of(trainer, a, "init")
     a.forward(d1, "cross_entropy").result()
@@ -173,7 +155,7 @@ def test_forward_never_touches_grads_or_weights(trainer, service):
 
 
 @pytest.mark.parametrize("mode", ["num_loss_tokens", "num_sequences"])
-def test_grad_accumulation_normalization(trainer, service, mode):
+def test_grad_accumulation_normalization(trainer, mode):
     seqs1 = [rand_tokens(11, 20), rand_tokens(7, 21)]
     seqs2 = [rand_tokens(15, 22), rand_tokens(9, 23), rand_tokens(6, 24)]
     w1 = [[1.0] * 10, [0, 0, 1, 1, 1, 1]]
@@ -183,19 +165,19 @@ def test_grad_accumulation_normalization(trainer, service, mode):
     sequences = sum(1 for w in all_w if any(x != 0 for x in w))
     divisor = tokens if mode == "num_loss_tokens" else sequences
 
-    a = tinker_ext.create_training_client(service, BASE)
+    a = new_client(trainer)
     a.forward_backward([datum(s, w) for s, w in zip(seqs1, w1)], "cross_entropy").result()
     a.forward_backward([datum(s, w) for s, w in zip(seqs2, w2)], "cross_entropy").result()
     a.optim_step(adam(), grad_accumulation_normalization=mode).result()
-    b = tinker_ext.create_training_client(service, BASE)
+    b = new_client(trainer)
     scaled = [[x / divisor for x in w] for w in all_w]
     b.forward_backward([datum(s, w) for s, w in zip(seqs1 + seqs2, scaled)], "cross_entropy").result()
     b.optim_step(adam(), grad_accumulation_normalization="none").result()
     assert_states_close(weights_of(trainer, a, f"norm-a-{mode}"), weights_of(trainer, b, f"norm-b-{mode}"), atol=2e-6)
 
 
-def test_save_load_state_resumes_exactly(trainer, service):
-    tc = tinker_ext.create_training_client(service, BASE)
+def test_save_load_state_resumes_exactly(trainer):
+    tc = new_client(trainer)
     data = [datum(rand_tokens(10, 30 + i)) for i in range(2)]
 
     def steps(k):
@@ -221,15 +203,15 @@ def test_save_load_state_resumes_exactly(trainer, service):
     assert_states_close(weights_of(trainer, tc, "fresh-adam-2"), fresh)
 
 
-def test_sampler_snapshots_base_and_delta(trainer, service):
-    tc = tinker_ext.create_training_client(service, BASE)
+def test_sampler_snapshots_base_and_delta(trainer):
+    tc = new_client(trainer)
     with pytest.raises(Exception, match="base"):
-        tc.save_weights_for_sampler_ext("too-early", "delta").result()
+        tc.save_weights_for_sampler_ext("too-early", "delta")
     data = [datum(rand_tokens(12, 40))]
     tc.forward_backward(data, "cross_entropy").result()
     tc.optim_step(adam(1e-2)).result()
-    base = tc.save_weights_for_sampler_ext("snap-base", "base").result()
-    assert base.snapshot_name == f"snap-base-{tc.session_suffix}" and base.path == base.snapshot_name
+    base = tc.save_weights_for_sampler_ext("snap-base", "base")
+    assert base.snapshot_name == f"snap-base-{tc.session_id}" and base.path == base.snapshot_name
     base_dir = trainer.store / "sampler" / base.snapshot_name
     hf = AutoModelForCausalLM.from_pretrained(base_dir)
     fwd = tc.forward(data, "cross_entropy").result()
@@ -240,7 +222,7 @@ def test_sampler_snapshots_base_and_delta(trainer, service):
 
     tc.forward_backward(data, "cross_entropy").result()
     tc.optim_step(adam(1e-2)).result()
-    delta = tc.save_weights_for_sampler_ext("snap-delta", "delta").result()
+    delta = tc.save_weights_for_sampler_ext("snap-delta", "delta")
     delta_dir = trainer.store / "sampler" / delta.snapshot_name
     manifest = snapshots.read_manifest(delta_dir)
     assert manifest["kind"] == "delta" and manifest["previous_snapshot_identity"] == base.snapshot_name
@@ -248,27 +230,16 @@ def test_sampler_snapshots_base_and_delta(trainer, service):
     assert_states_close(rebuilt, weights_of(trainer, tc, "snap-check"))
     with pytest.raises(snapshots.SnapshotMismatch):
         snapshots.apply_snapshot(delta_dir, base_state, "some-other-identity")
-    # the pure-tinker flavour: a tinker:// path that a sampling client can open
-    plain = tc.save_weights_for_sampler("plain").result()
-    assert plain.path.startswith("tinker://") and plain.path.endswith("/sampler_weights/plain")
-    sampler = service.create_sampling_client(model_path=plain.path)
-    lps = sampler.compute_logprobs(types.ModelInput.from_ints(rand_tokens(12, 40))).result()
-    assert lps[0] is None
-    torch.testing.assert_close(torch.tensor(lps[1:]), torch.tensor(tc.forward(data, "cross_entropy").result()
-                                                                   .loss_fn_outputs[0]["logprobs"].data), atol=1e-5,
-                               rtol=0)
-    out = sampler.sample(types.ModelInput.from_ints([1, 2, 3]), 2, types.SamplingParams(max_tokens=4, seed=3)).result()
-    assert len(out.sequences) == 2 and all(len(s.tokens) == len(s.logprobs) >= 1 for s in out.sequences)
 
 
 def test_lora_changes_only_adapters_and_reference_is_frozen(trainer, service):
-    ref = tinker_ext.create_reference_client(service, BASE)
+    ref = service.create_base_training_client(BASE)
     data = [datum(rand_tokens(12, 50)), datum(rand_tokens(8, 51))]
     before = ref.forward(data, "cross_entropy").result()
     with pytest.raises(tinker.RequestFailedError if hasattr(tinker, "RequestFailedError") else Exception):
         ref.forward_backward(data, "cross_entropy").result()
 
-    lora = tinker_ext.create_training_client(service, BASE, lora_rank=8)
+    lora = new_client(trainer, lora_rank=8)
     assert lora.get_info().lora_rank == 8
     initial = weights_of(trainer, lora, "lora-0")
     assert_states_close(initial, snapshots.canonical_state(models.load_model(BASE, seed=SEED)))  # B = 0 at init
@@ -282,8 +253,8 @@ def test_lora_changes_only_adapters_and_reference_is_frozen(trainer, service):
     assert after.metrics == before.metrics
 
 
-def test_bad_requests_get_errors_and_service_keeps_serving(trainer, service):
-    tc = tinker_ext.create_training_client(service, BASE)
+def test_bad_requests_get_errors_and_service_keeps_serving(trainer):
+    tc = new_client(trainer)
     good = [datum(rand_tokens(8, 60))]
     bad_cases = [
         ([datum([1, 2, 300, 4])], "cross_entropy", "vocabulary"),
@@ -309,8 +280,8 @@ def test_bad_requests_get_errors_and_service_keeps_serving(trainer, service):
     assert tc.forward(good, "cross_entropy").result().metrics["loss:sum"] > 0
 
 
-def test_seq_ordering_and_dedupe_over_raw_http(trainer, service):
-    tc = tinker_ext.create_training_client(service, BASE)  # the SDK client is not used after this
+def test_seq_ordering_and_dedupe_over_raw_http(trainer):
+    tc = new_client(trainer)  # the SDK client is not used after this
     h = {"X-API-Key": trainer.api_key}
     url = trainer.base_url + "/api/v1"
     d = datum(rand_tokens(8, 70))
@@ -334,15 +305,32 @@ def test_seq_ordering_and_dedupe_over_raw_http(trainer, service):
     assert res[3]["metrics"]["loss:sum"] < res[0]["metrics"]["loss:sum"]  # seq 4 ran after the step
 
 
-def test_cross_job_load_between_services(jobs_root, trainer, service):
-    tc = tinker_ext.create_training_client(service, BASE)
-    tc.forward_backward([datum(rand_tokens(10, 80))], "cross_entropy").result()
+def test_cross_job_load_and_plain_tinker_client(jobs_root, trainer):
+    """A checkpoint of job-a loads by cross_job:// into job-b; job-b is also driven by plain tinker (a `tml-` key,
+    LoRA, tinker's own sampler): the service speaks the tinker 0.23 contract itself, not only the SDK's dialect."""
+    tc = new_client(trainer)
+    data = [datum(rand_tokens(10, 80))]
+    tc.forward_backward(data, "cross_entropy").result()
     tc.optim_step(adam(1e-2)).result()
     tc.save_state("shared-ckpt").result()
     expected = weights_of(trainer, tc, "shared")
-    with start_trainer(jobs_root, "job-b", BASE, seed=SEED, api_key="fw_other_key_123") as other:
-        svc_b = tinker_ext.create_service_client(other.base_url, other.api_key)  # Fireworks-style key
-        tb = tinker_ext.create_training_client(svc_b, BASE)
+    with start_trainer(jobs_root, "job-b", BASE, seed=SEED, api_key="tml-" + "1" * 32) as other:
+        tb = new_client(other)
         assert tb.list_checkpoints() == []
         tb.load_state_with_optimizer(tb.resolve_checkpoint_path("shared-ckpt", source_job_id="job-a")).result()
         assert_states_close(weights_of(other, tb, "loaded"), expected)
+
+        plain_service = tinker.ServiceClient(base_url=other.base_url, api_key=other.api_key)
+        lora = plain_service.create_lora_training_client(BASE, rank=8)
+        lora.forward_backward(data, "cross_entropy").result()
+        lora.optim_step(adam(1e-2)).result()
+        plain = lora.save_weights_for_sampler("plain").result()
+        assert plain.path.startswith("tinker://") and plain.path.endswith("/sampler_weights/plain")
+        sampler = plain_service.create_sampling_client(model_path=plain.path)
+        lps = sampler.compute_logprobs(types.ModelInput.from_ints(rand_tokens(10, 80))).result()
+        assert lps[0] is None
+        expected_lps = lora.forward(data, "cross_entropy").result().loss_fn_outputs[0]["logprobs"].data
+        torch.testing.assert_close(torch.tensor(lps[1:]), torch.tensor(expected_lps), atol=1e-5, rtol=0)
+        out = sampler.sample(types.ModelInput.from_ints([1, 2, 3]), 2,
+                             types.SamplingParams(max_tokens=4, seed=3)).result()
+        assert len(out.sequences) == 2 and all(len(s.tokens) == len(s.logprobs) >= 1 for s in out.sequences)

@@ -31,7 +31,7 @@ class RunningTrainer:
 def start_trainer(jobs_root: Path, job_id: str = "job-a", base_model: str = "local-micro", *, seed: int = 0,
                   api_key: str | None = None, max_context_length: int | None = None, timeout: float = 60.0,
                   threads: int | None = 1):
-    api_key = api_key or f"tml-{secrets.token_hex(16)}"
+    api_key = api_key or f"fw_test_{secrets.token_hex(16)}"  # a Fireworks-style key: the SDK's Fireworks path
     store = Path(jobs_root) / job_id
     store.mkdir(parents=True, exist_ok=True)
     port_file = store / "port"

@@ -129,11 +129,12 @@ class TrainingLoop:
         self._deployment_step = self.step
 
     def sync_before_training(self) -> None:
-        """Put the trainer's starting weights on the deployment when they may differ from what it serves: always
-        with `weight_sync_before_training`, and whenever the trainer did not start from the base model."""
+        """Put the trainer's starting weights on the deployment when they differ from what it serves: always with
+        `weight_sync_before_training`, and whenever the trainer loaded a checkpoint (a resume, or `init_from` a
+        run's checkpoint). A warm start or model directory is the base model of both, so it needs no sync."""
         if self.session.weight_syncer is None:
             return
-        if self.run.weight_sync.weight_sync_before_training or self.resumed_from or self.cfg.init_from:
+        if self.run.weight_sync.weight_sync_before_training or self.resumed_from or self.session.init_state_path:
             started = time.perf_counter()
             self.sync_deployment(f"start-{self.step}", checkpoint_type="base")
             tqdm.write(f"[{self.recipe}] synced starting weights to the deployment "
