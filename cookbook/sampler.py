@@ -31,12 +31,25 @@ class Completion:
 
 
 class Sampler:
-    def __init__(self, deployment_sampler: "DeploymentSampler", timeout_s: float = 600):
+    def __init__(self, deployment_sampler: "DeploymentSampler", timeout_s: float = 600, max_connections: int = 256):
         self.deployment_sampler = deployment_sampler
         self.timeout_s = timeout_s
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sampler-loop", daemon=True)
         self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._use_aiohttp(max_connections), self._loop).result()
+
+    async def _use_aiohttp(self, max_connections: int) -> None:
+        """Give the SDK sampler an aiohttp-backed httpx client (the vendor's own `DefaultAioHttpClient` transport).
+        httpx's default async pool scans every idle connection for each queued request; a GRPO step's 128 concurrent
+        completions on reused keep-alive connections spent ~2.5 s of a 2.9 s rollout there (profiled), with aiohttp
+        0.1 s. The SDK adopts a client set on it on the loop that first uses it, which is this one."""
+        import httpx
+        from httpx_aiohttp import HttpxAiohttpClient
+
+        self.deployment_sampler._async_client = HttpxAiohttpClient(
+            timeout=httpx.Timeout(connect=30.0, read=self.timeout_s, write=30.0, pool=30.0),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections))
 
     def sample(self, prompt_tokens: Sequence[int], n: int = 1, max_tokens: int = 16, temperature: float = 1.0,
                top_p: float = 1.0, stop_token_ids: Sequence[int] | None = None, seed: int | None = None,

@@ -12,6 +12,7 @@ run are replaced by placeholders. When the sequence changes on purpose, regenera
 from __future__ import annotations
 
 import difflib
+import http.client
 import http.server
 import json
 import os
@@ -23,7 +24,6 @@ import threading
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-import httpx
 import pytest
 
 from tests.conftest import REPO
@@ -54,11 +54,17 @@ class Recorder(http.server.ThreadingHTTPServer):
     """A reverse proxy that forwards every request to `upstream` and records (method, path, query, body)."""
 
     daemon_threads = True
+    request_queue_size = 512  # the sampler opens ~128 connections at once; the default backlog of 5 drops SYNs
 
     def __init__(self, upstream: str):
-        self.upstream, self.records, self.lock = upstream, [], threading.Lock()
-        self.http = httpx.Client(timeout=httpx.Timeout(None), limits=httpx.Limits(max_connections=512))
+        self.upstream, self.records, self.lock = urlsplit(upstream), [], threading.Lock()
+        self.local = threading.local()  # one upstream connection per handler thread (a shared pool serializes)
         super().__init__(("127.0.0.1", 0), _Handler)
+
+    def upstream_connection(self) -> http.client.HTTPConnection:
+        if getattr(self.local, "conn", None) is None:
+            self.local.conn = http.client.HTTPConnection(self.upstream.hostname, self.upstream.port, timeout=600)
+        return self.local.conn
 
     @property
     def url(self) -> str:
@@ -77,14 +83,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with server.lock:
             server.records.append((self.command, self.path, body))
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP}
-        resp = server.http.request(self.command, server.upstream + self.path, headers=headers, content=body)
-        self.send_response(resp.status_code)
-        for k, v in resp.headers.items():
-            if k.lower() not in HOP and k.lower() != "content-encoding":
+        conn = server.upstream_connection()
+        conn.request(self.command, self.path, body=body, headers=headers)
+        resp = conn.getresponse()
+        content = resp.read()
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in HOP:
                 self.send_header(k, v)
-        self.send_header("Content-Length", str(len(resp.content)))
+        self.send_header("Content-Length", str(len(content)))
         self.end_headers()
-        self.wfile.write(resp.content)
+        self.wfile.write(content)
 
     do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _forward
 

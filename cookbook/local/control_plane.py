@@ -162,7 +162,13 @@ class ControlPlane:
         self.catalog = catalog or catalog_mod.builtin()
         self.jobs: dict[str, Child] = {}
         self.deployments: dict[str, Child] = {}
-        self.http = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0))
+        # Every trainer call and completion passes through here. httpx's own async pool scans all idle connections
+        # for each queued request (a GRPO step's 128 concurrent completions spent most of their time there); the
+        # aiohttp transport (httpx-aiohttp, which the Fireworks SDK ships with) keeps the same httpx API without it.
+        from httpx_aiohttp import HttpxAiohttpClient
+
+        self.http = HttpxAiohttpClient(timeout=httpx.Timeout(None, connect=5.0),
+                                       limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256))
         for sub in ("logs", "run"):
             (root / sub).mkdir(parents=True, exist_ok=True)
         for sub in ("jobs", "models"):
