@@ -100,10 +100,14 @@ class WeightSyncConfig:
     first_checkpoint_type: str = "base"
     weight_sync_before_training: bool = False
     weight_sync_timeout: int = 600
+    # Not in the spec: how many periodic DCP checkpoints a run keeps in the trainer's storage (older ones are
+    # deleted as new ones land; the final checkpoint is always kept). 0 = keep all. Storage otherwise grows without
+    # bound over a long run.
+    dcp_keep_last: int = 3
 
     def __post_init__(self) -> None:
         _non_negative(self, "weight_sync", "dcp_save_interval", "weight_sync_interval", "dcp_timeout",
-                      "weight_sync_timeout")
+                      "weight_sync_timeout", "dcp_keep_last")
         _require(self.first_checkpoint_type in ("base", "delta"), "weight_sync.first_checkpoint_type",
                  f"'{self.first_checkpoint_type}' is not a sampler checkpoint type.",
                  "use 'base' (a delta needs a base to apply to).")
