@@ -32,6 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from cookbook.faults import crash_point
 from cookbook.local.procs import SNAPSHOT_ROOT_HEADER, KeyAuthMiddleware, serve
 from cookbook.local.sampling import Batcher, Engine, SeqRequest
 
@@ -323,6 +324,7 @@ def build_app(engine: Engine, batcher: Batcher, loader: HotLoader, api_key: str,
         except RequestError as e:
             return _error(400, str(e))
         start = time.perf_counter()
+        crash_point("mid_rollout")
         await batcher.submit(seqs)
         choices = [_choice(i, s, tokenizer, options["logprobs"]) for i, s in enumerate(seqs)]
         usage = {"prompt_tokens": len(seqs[0].prompt), "completion_tokens": sum(len(s.tokens) for s in seqs)}

@@ -185,3 +185,18 @@ def apply_snapshot(directory, current_state: dict[str, torch.Tensor] | None,
             raise SnapshotMismatch(f"checksum mismatch for {name!r} in delta {manifest['identity']!r}")
         out[name] = new
     return out
+
+
+def damage(directory) -> None:
+    """Corrupt a written snapshot in place (fault tests: a hot load of it must fail, not load garbage): flip bytes in
+    a delta's payload (its checksums catch it), or cut a base's weights file in half (it no longer parses)."""
+    directory = Path(directory)
+    delta = directory / DELTA_FILE
+    if delta.exists():
+        data = bytearray(delta.read_bytes())
+        for i in range(len(data) // 3, len(data) // 3 + 64):
+            data[i] ^= 0xFF
+        delta.write_bytes(bytes(data))
+        return
+    weights = sorted(directory.glob("*.safetensors"))[0]
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from cookbook.faults import crash_point
+from cookbook.faults import crash_point, should_fail
 from cookbook.local import snapshots
 from cookbook.local.trainer.engine import TrainModel
 from cookbook.local.trainer.losses import UserRequestError
@@ -158,6 +158,8 @@ class Store:
         else:
             snapshots.write_base(target, merged, tokenizer, identity, extra=extra)
         m.last_snapshot = (identity, state)
+        if should_fail("sampler_snapshot"):
+            snapshots.damage(target)
         return target
 
     def sampler_dir(self, identity: str) -> Path:

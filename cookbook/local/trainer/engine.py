@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from cookbook.faults import crash_point
 from cookbook.local import models
 from cookbook.local.trainer.losses import (Datum, UserRequestError, check_loss, count_loss_tokens, datum_loss,
                                            parse_datums)
@@ -163,12 +164,14 @@ class TrainModel:
         data, loss_fn, config = self._parse(body)
         if cache is not None and cache[0] == self._cache_key(data):
             lps = cache[1]
+            crash_point("mid_forward_backward")
             torch.stack([datum_loss(loss_fn, d, lp, config) for d, lp in zip(data, lps)]).sum().backward()
         else:
             del cache
             lps = []
             for chunk in self._micro_batches(data):
                 chunk_lps = self._logprobs(chunk, grad=True)
+                crash_point("mid_forward_backward")
                 torch.stack([datum_loss(loss_fn, d, lp, config) for d, lp in zip(chunk, chunk_lps)]).sum().backward()
                 lps.extend(lp.detach() for lp in chunk_lps)
         for d in data:
