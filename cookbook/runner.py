@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cookbook.compose import recipe_name, to_run_config
 from cookbook.config import RunConfig
+from cookbook.errors import InfraError
 from launchers import get_launcher
 from cookbook.metrics import MetricsLogger
 from cookbook.preflight import check_credentials
@@ -87,7 +88,26 @@ def execute(run: RunConfig, recipe: str, logger: MetricsLogger) -> dict[str, Any
     with launcher.launch(provisioned, needs_reference=run.recipe.needs_reference,
                          needs_deployment=run.recipe.needs_deployment) as session:
         session.init_state_path = init.state_path
-        return module.train(run, session, logger)
+        try:
+            return module.train(run, session, logger)
+        except Exception as exc:
+            problem = session.explain_failure()
+            if problem is None:
+                raise  # the driver's own error: its traceback is the message
+            raise InfraError(platform_failure(run, problem, session.logs_dir)) from exc
+
+
+def platform_failure(run: RunConfig, problem: str, logs_dir: str | None) -> str:
+    """One paragraph: what broke on the platform, where its logs are, and how to go on."""
+    from cookbook.checkpoints import read_index
+
+    records = read_index(run.log_path)
+    resume = (f"The last checkpoint is {records[-1]['name']} (step {records[-1]['step']}): rerun the same command "
+              f"(log_path={run.log_path}) to resume from it." if records else
+              "No checkpoint was saved yet, so a rerun starts over (weight_sync.dcp_save_interval=N saves every N "
+              "steps).")
+    logs = f" Platform logs: {logs_dir}." if logs_dir else ""
+    return f"The run stopped because {problem}.{logs} {resume}"
 
 
 def check_inputs(run: RunConfig) -> None:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -53,6 +55,7 @@ class Session:
     deployment_id: str | None = None
     reference_job_id: str | None = None  # set only when the reference runs in its own trainer job
     platform_root: str | None = None  # local launcher only: where jobs/ and promoted models/ live
+    logs_dir: str | None = None  # local launcher only: the platform's process logs
     # A checkpoint whose weights the policy starts from on a fresh start (`recipe.init_from=<run_dir>:<name>`).
     init_state_path: str | None = None
     _release_reference: Callable[[], None] | None = field(default=None, repr=False)
@@ -63,6 +66,40 @@ class Session:
             self._release_reference()
             self._release_reference = None
         self.reference = None
+
+    def explain_failure(self, budget_s: float = 15.0) -> str | None:
+        """What broke on the platform side — a trainer job or the deployment that failed, or a hot load the
+        deployment could not apply — in one sentence each; None when every resource looks healthy (the error was
+        the driver's own). Bounded: the SDK retries an unreachable control plane for minutes."""
+        pool = ThreadPoolExecutor(1, thread_name_prefix="diagnose")
+        try:
+            return pool.submit(self._platform_problems).result(timeout=budget_s)
+        except FutureTimeout:
+            return f"the control plane did not answer within {budget_s:.0f}s"
+        finally:
+            pool.shutdown(wait=False)
+
+    def _platform_problems(self) -> str | None:
+        problems = []
+        for role, job_id in (("policy trainer", self.job_id), ("reference trainer", self.reference_job_id)):
+            job = self.trainer_mgr.try_get(job_id) if job_id else None
+            if job and job.get("state") not in ("JOB_STATE_RUNNING", "JOB_STATE_CREATING", "JOB_STATE_PENDING"):
+                problems.append(f"the {role} job {job_id} is {job.get('state')}: {job.get('statusMessage') or '-'}")
+        if self.deploy_mgr is not None and self.deployment_id:
+            # DeploymentInfo drops the status message, hence the raw record.
+            record = self.deploy_mgr._get_deployment(self.deployment_id) or {"state": "gone"}
+            if record.get("state") in (*BAD_DEPLOYMENT_STATES, "gone"):
+                problems.append(f"the deployment {self.deployment_id} is {record.get('state')}: "
+                                f"{record.get('statusMessage') or '-'}")
+            elif self.weight_syncer is not None:
+                replicas = self.deploy_mgr.hotload_check_status(self.deployment_id,
+                                                                self.weight_syncer.base_model).get("replicas") or []
+                state = replicas[0].get("loading_state", {}) if replicas else {}
+                if state.get("stage") == "error":
+                    problems.append(f"the deployment {self.deployment_id} could not load snapshot "
+                                    f"{state.get('target_snapshot_identity')}: {state.get('message') or '-'} (it still "
+                                    f"serves {replicas[0].get('current_snapshot_identity')})")
+        return "; ".join(problems) or None
 
 
 def check_control_plane(base_url: str, api_key: str, budget_s: float = 20.0) -> None:
@@ -140,7 +177,7 @@ def _deployment_shape(cfg: RunConfig, profile: "TrainingShapeProfile") -> str | 
 
 def build_session(cfg: RunConfig, base_url: str, api_key: str, *, needs_reference: bool, needs_deployment: bool,
                   stack: contextlib.ExitStack, log: Callable[[str], None] = print, poll_interval_s: float = 5.0,
-                  platform_root: str | None = None) -> Session:
+                  platform_root: str | None = None, logs_dir: str | None = None) -> Session:
     """Create the run's trainer job(s), clients, deployment and syncer; register their teardown on `stack`."""
     from fireworks.training.sdk import (DeploymentManager, DeploymentSampler, FixedConcurrencyController,
                                         TrainerJobConfig, TrainerJobManager)
@@ -232,7 +269,7 @@ def build_session(cfg: RunConfig, base_url: str, api_key: str, *, needs_referenc
     return Session(policy=policy, reference=reference, sampler=sampler, weight_syncer=syncer, tokenizer=tokenizer,
                    base_model=cfg.base_model, job_id=job_id, trainer_mgr=trainer_mgr, deploy_mgr=deploy_mgr,
                    deployment_id=deployment_id, reference_job_id=ref_job_id, platform_root=platform_root,
-                   _release_reference=release)
+                   logs_dir=logs_dir, _release_reference=release)
 
 
 def _attach_deployment(cfg: RunConfig, deploy_mgr: "DeploymentManager", deployment_id: str,

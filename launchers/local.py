@@ -1,7 +1,9 @@
 """The `local` launcher: start the embedded platform on loopback, then build the session exactly as `fireworks` does.
 
 The only differences from `launchers/fireworks.py`: the control-plane URL and key come from the `LocalPlatform` just
-started (a random per-run key), and polling is fast because everything is on this machine.
+started (a random per-run key), and polling is fast because everything is on this machine. The launcher also keeps
+the local storage tidy: it records the run's trainer jobs in the storage's run registry (`cookbook.local.storage`,
+which `python -m cookbook.local storage` reads) and removes what crashed saves of this run's earlier jobs left.
 """
 
 from __future__ import annotations
@@ -19,6 +21,20 @@ LOCAL_POLL_INTERVAL_S = 0.2
 @contextlib.contextmanager
 def launch(cfg: RunConfig, *, needs_reference: bool, needs_deployment: bool,
            log: Callable[[str], None] = print) -> Iterator[Session]:
+    from cookbook.local.storage import clean_earlier_jobs, record_run
+
+    with _platform_session(cfg, needs_reference=needs_reference, needs_deployment=needs_deployment,
+                           log=log) as session:
+        storage, log_path = Path(session.platform_root), Path(cfg.log_path or "runs/local")
+        for leftover in clean_earlier_jobs(storage, log_path):
+            log(f"[launch] removed {leftover}, left by an unfinished save of an earlier attempt")
+        record_run(storage, log_path, [session.job_id, session.reference_job_id])
+        yield session
+
+
+@contextlib.contextmanager
+def _platform_session(cfg: RunConfig, *, needs_reference: bool, needs_deployment: bool,
+                      log: Callable[[str], None]) -> Iterator[Session]:
     from cookbook.local.platform import LocalPlatform
     from cookbook.local.platform_root import storage_root
 
@@ -28,4 +44,5 @@ def launch(cfg: RunConfig, *, needs_reference: bool, needs_deployment: bool,
         log(f"[launch] local platform at {platform.base_url} (root {platform.root})")
         yield build_session(cfg, platform.base_url, platform.api_key, needs_reference=needs_reference,
                             needs_deployment=needs_deployment, stack=stack, log=log,
-                            poll_interval_s=LOCAL_POLL_INTERVAL_S, platform_root=str(platform.storage))
+                            poll_interval_s=LOCAL_POLL_INTERVAL_S, platform_root=str(platform.storage),
+                            logs_dir=str(platform.root / "logs"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from cookbook.local import catalog as catalog_mod
 from cookbook.local.catalog import Catalog
 from cookbook.local.control_plane.validation import ACCOUNT, JOB_NAME, MODEL_NAME, ApiError, _error, _now
 from cookbook.local.models import EMBEDDED_MODELS
-from cookbook.local.procs import SNAPSHOT_ROOT_HEADER, log_tail, python_cmd, spawn, stop_group
+from cookbook.local.procs import SNAPSHOT_ROOT_HEADER, python_cmd, spawn, stop_group
 
 HOP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
                "proxy-authorization", "proxy-connection", "trailer"}
@@ -100,7 +101,7 @@ class ControlPlaneBase:
             child.port = None
             child.record["state"] = failed_state
             child.record["updateTime"] = _now()
-            child.record["statusMessage"] = f"process exited with code {proc.returncode}.{log_tail(child.log_file, 1500)}"
+            child.record["statusMessage"] = _exit_message(proc.returncode, child.log_file)
             if child.kind == "deployment":
                 child.record["replicaCount"] = 0
 
@@ -200,3 +201,9 @@ class ControlPlaneBase:
         out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in HOP_HEADERS}
         return StreamingResponse(resp.aiter_raw(), status_code=resp.status_code, headers=out_headers,
                                  background=BackgroundTask(resp.aclose))
+
+
+def _exit_message(returncode: int, log_file: Path | None) -> str:
+    """One line a driver can relay as is: how the process ended and where its log is."""
+    how = f"was killed by {signal.Signals(-returncode).name}" if returncode < 0 else f"exited with code {returncode}"
+    return f"the process {how}; its log: {log_file}"

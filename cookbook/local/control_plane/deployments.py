@@ -177,6 +177,10 @@ class Deployments(ControlPlaneBase):
         dep = self.deployments.get(m.group(2)) if m.group(1) == ACCOUNT else None
         if dep is None:
             raise ApiError(404, f"deployment {name!r} not found")
+        if dep.record["state"] == "FAILED":
+            # What Fireworks answers for a failed deployment is unknown. A status the SDK does not retry (it retries
+            # 404/425 for ~50 s after a hot load, and 5xx) lets a run whose deployment died fail in seconds.
+            raise ApiError(400, f"deployment {dep.id} is FAILED: {dep.record.get('statusMessage', '')}")
         if dep.port is None:
             raise ApiError(425, f"deployment {dep.id} has no ready replica (state {dep.record['state']}, "
                                 f"{dep.record.get('replicaCount', 0)} replicas)")
