@@ -26,6 +26,7 @@ def preflight(argv: list[str]) -> list[RunConfig]:
     for overrides in jobs:
         run = to_run_config(compose(overrides))
         check_credentials(run)
+        check_log_path(run)
         runs.append(run)
     return runs
 
@@ -44,6 +45,14 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     combined = [o for o in from_config if o.get_key_element() not in given] + parsed
     batches = BasicSweeper.split_arguments(combined, max_batch_size=None)
     return [list(job) for batch in batches for job in batch]
+
+
+def check_log_path(run: RunConfig) -> None:
+    """The run directory must be a directory (or not exist yet); Hydra would fail on a file with a traceback."""
+    if run.log_path and os.path.exists(run.log_path) and not os.path.isdir(run.log_path):
+        raise UserError(f"log_path={run.log_path} exists and is not a directory, so the run cannot write its files "
+                        f"there. Fix: choose a new log_path (a directory, created if missing), or move that file "
+                        f"away.")
 
 
 def check_credentials(run: RunConfig) -> None:

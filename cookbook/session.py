@@ -18,14 +18,12 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import httpx
 
-from cookbook.client import ReconnectableClient
+from cookbook.client import ReconnectableClient, call_with_deadline
 from cookbook.config import RunConfig
 from cookbook.errors import InfraError, UserError
 from cookbook.naming import deployment_id_for
@@ -71,13 +69,10 @@ class Session:
         """What broke on the platform side — a trainer job or the deployment that failed, or a hot load the
         deployment could not apply — in one sentence each; None when every resource looks healthy (the error was
         the driver's own). Bounded: the SDK retries an unreachable control plane for minutes."""
-        pool = ThreadPoolExecutor(1, thread_name_prefix="diagnose")
         try:
-            return pool.submit(self._platform_problems).result(timeout=budget_s)
-        except FutureTimeout:
+            return call_with_deadline(budget_s, self._platform_problems)
+        except TimeoutError:
             return f"the control plane did not answer within {budget_s:.0f}s"
-        finally:
-            pool.shutdown(wait=False)
 
     def _platform_problems(self) -> str | None:
         problems = []
@@ -128,9 +123,11 @@ def check_control_plane(base_url: str, api_key: str, budget_s: float = 20.0) -> 
         time.sleep(1.0)
 
 
-def _best_effort(log: Callable[[str], None], what: str, fn: Callable[[], Any]) -> None:
+def _best_effort(log: Callable[[str], None], what: str, fn: Callable[[], Any], timeout_s: float = 30.0) -> None:
+    """A teardown step that reports its failure instead of raising, and gives up after `timeout_s` (the SDK retries
+    an unreachable control plane for minutes; the message names what may be left to delete by hand)."""
     try:
-        fn()
+        call_with_deadline(timeout_s, fn)
     except Exception as e:  # teardown must go on; the error is reported, not raised
         log(f"[teardown] {what} failed: {type(e).__name__}: {e}")
 

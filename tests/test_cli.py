@@ -51,6 +51,16 @@ def test_user_errors_exit_2_with_one_paragraph_and_no_traceback(args, words):
         assert word in message
 
 
+def test_log_path_that_is_a_file_is_a_user_error(tmp_path):
+    existing = tmp_path / "notes.txt"
+    existing.write_text("not a run directory")
+    result = run_cli("+recipe=sft", f"log_path={existing}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = result.stderr.strip()
+    assert message.startswith("error: ") and "\n" not in message and str(existing) in message and "Fix:" in message
+    assert existing.read_text() == "not a run directory"
+
+
 def test_fireworks_shape_without_key_explains_how_to_run_locally():
     env = {k: v for k, v in os.environ.items() if k != "FIREWORKS_API_KEY"}
     result = subprocess.run([sys.executable, "-m", "cookbook.train", "+recipe=grpo", "infra=qwen3-8b-h200"],

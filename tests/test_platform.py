@@ -36,6 +36,18 @@ DRIVER = textwrap.dedent("""
 """)
 
 
+@pytest.fixture(autouse=True)
+def no_process_outlives_the_test(tmp_path):
+    """Whatever happens in a test, nothing it started keeps running: a failed assertion must not leave a platform
+    behind for the next test (or the next CI job) to trip over."""
+    yield
+    for pid in find_pids(str(tmp_path)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _start_driver(tmp_path, mode: str, deployment: bool):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(tmp_path), mode, "1" if deployment else "0"],

@@ -2,8 +2,9 @@
 
 Fake secrets go into the environment of real CLI runs: a short local SFT run with W&B offline (so the wandb files
 are written too) and a dry run on a Fireworks shape (the path that reads FIREWORKS_API_KEY). Then every file under
-the run directory (`.hydra/`, `wandb/`, platform logs, checkpoints index, attempts) and the captured stdout/stderr
-are searched for the secret values. During the local run, the command lines of the platform's processes
+the run directory (`.hydra/`, `wandb/`, platform logs, checkpoints index, attempts), every file of the platform's
+storage root (trainer stores, snapshots, registries) and the captured stdout/stderr are searched for the secret
+values. During the local run, the command lines of the platform's processes
 (control plane, trainer, deployment) are read from /proc while they are alive: the per-run platform key must
 travel through the environment, never argv.
 """
@@ -59,12 +60,12 @@ def _platform_key(pid: int) -> str | None:
 
 
 def test_local_run_with_wandb_offline_leaks_no_secret(tmp_path):
-    run_dir = tmp_path / "run"
+    run_dir, storage = tmp_path / "run", tmp_path / "storage"  # a storage root of its own: all of it is this run's
     cmd = [sys.executable, "-m", "cookbook.train", "+recipe=sft", "wandb=offline", "max_steps=3",
            "recipe.batch_size=8", "recipe.max_eval_rows=8", f"log_path={run_dir}"]  # `.hydra/` goes to log_path
     out_path, err_path = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out, stderr=err)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_env(COOKBOOK_PLATFORM_ROOT=str(storage)), stdout=out, stderr=err)
         # While the run is alive, read the command lines of its platform processes (found by the run directory
         # in their argv) and the per-run key from their environment.
         seen: dict[int, str] = {}
@@ -103,6 +104,10 @@ def test_local_run_with_wandb_offline_leaks_no_secret(tmp_path):
     assert any(p.suffix == ".wandb" for p in files), "W&B offline wrote no run file"
     for path in files:
         _assert_no_secret(str(path.relative_to(run_dir)), path.read_bytes(), also=(key,))
+    stored = _files_under(storage)
+    assert any(p.name == "meta.json" for p in stored) and any(p.name == "snapshot.json" for p in stored), stored
+    for path in stored:
+        _assert_no_secret(f"storage/{path.relative_to(storage)}", path.read_bytes(), also=(key,))
     _assert_no_secret("stdout", stdout, also=(key,))
     _assert_no_secret("stderr", stderr, also=(key,))
 
