@@ -12,6 +12,12 @@ Resume rules (documented in the README):
   (a new run that starts from those weights).
 - `resume_weights_only=true` with `resume_from`: weights only, fresh optimizer, position 0.
 A checkpoint whose base model, recipe or training shape differs from this run's is refused unless `resume_force`.
+
+Retention: after each periodic save, this trainer job's periodic checkpoints beyond the newest
+`weight_sync.dcp_keep_last` are deleted from the trainer's storage (best effort, `cookbook.retention`) and each
+deletion is recorded as an event line `{"event": "deleted", "name", "job_id", ...}`, after which the index no longer
+offers that checkpoint. Final checkpoints (kind `both`), the checkpoint of the newest line and other jobs' checkpoints
+(earlier attempts, other runs) are never deleted here; `python -m cookbook.local storage --prune` handles those.
 """
 
 from __future__ import annotations
@@ -25,13 +31,28 @@ from typing import Any, Optional
 from cookbook.config import RunConfig
 from cookbook.errors import UserError
 from cookbook.faults import crash_point
+from cookbook.retention import discard, protect
 from cookbook.rundir import append_jsonl, read_jsonl
 
 INDEX = "checkpoints.jsonl"
+DELETED = "deleted"  # the event of an index line that records a retention deletion
 
 
 def read_index(log_path: str | Path) -> list[dict[str, Any]]:
-    return [r for r in read_jsonl(Path(log_path) / INDEX) if r.get("state_path")]
+    """The checkpoints a run can still use, oldest first: every checkpoint line not followed by a deletion event
+    for the same (job, name)."""
+    live: list[dict[str, Any]] = []
+    for r in read_jsonl(Path(log_path) / INDEX):
+        if r.get("event") == DELETED:
+            live = [x for x in live if (x["name"], x.get("job_id")) != (r.get("name"), r.get("job_id"))]
+        elif r.get("state_path"):
+            live.append(r)
+    return live
+
+
+def deleted_checkpoints(log_path: str | Path) -> list[dict[str, Any]]:
+    """The deletion events of a run's index, oldest first."""
+    return [r for r in read_jsonl(Path(log_path) / INDEX) if r.get("event") == DELETED]
 
 
 @dataclass
@@ -67,10 +88,32 @@ class Checkpointer:
         if final:
             saved = self.policy.save_weights_for_sampler_ext(name, checkpoint_type="base", timeout=self.timeout)
             record["sampler_path"] = saved.snapshot_name
+            protect(self.policy, f"sampler_weights/{saved.snapshot_name}")  # promotable: retention never deletes it
         record["save_time_s"] = round(time.time() - started, 3)
         crash_point("after_state_save")
         append_jsonl(self.log_path / INDEX, record)
+        if not final:
+            self._retire_old_checkpoints()
         return record
+
+    def _retire_old_checkpoints(self) -> None:
+        """Delete this job's periodic checkpoints beyond the newest `dcp_keep_last` (0 = keep all). Deleted first,
+        recorded after: a failed delete leaves the line offering a checkpoint that still exists."""
+        keep = self.run.weight_sync.dcp_keep_last
+        records = read_index(self.log_path)
+        if not keep or not records:
+            return
+        job = self.policy.job_id
+        periodic = sorted((r for r in records if r.get("job_id") == job and r.get("kind", "state") == "state"),
+                          key=lambda r: r["step"])
+        protected = {records[-1]["name"]} | {r["name"] for r in records if r.get("job_id") == job
+                                             and r.get("kind") == "both"}
+        for r in periodic[:-keep]:
+            if r["name"] in protected or not discard(self.policy, f"weights/{r['name']}"):
+                continue
+            append_jsonl(self.log_path / INDEX, {
+                "event": DELETED, "name": r["name"], "step": r["step"], "job_id": job,
+                "reason": f"weight_sync.dcp_keep_last={keep}", "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     # ---------------------------------------------------------------------------------------------- resuming
     def resume(self, init_state_path: Optional[str] = None) -> ResumePoint:
@@ -109,6 +152,13 @@ class Checkpointer:
         same_run = Path(run_dir).resolve() == self.log_path.resolve()
         records = read_index(run_dir)
         matches = [r for r in records if r["name"] == name]
+        gone = [r for r in deleted_checkpoints(run_dir) if r.get("name") == name]
+        if not matches and gone:
+            names = ", ".join(r["name"] for r in records[-8:]) or "none"
+            raise UserError(f"resume_from={ref}: checkpoint '{name}' of {run_dir} was deleted at {gone[-1].get('time')} "
+                            f"by checkpoint retention ({gone[-1].get('reason')} keeps only the newest periodic "
+                            f"checkpoints). Fix: resume from a checkpoint that is kept ({names}); to keep every "
+                            f"checkpoint of a run, run it with weight_sync.dcp_keep_last=0.")
         if not matches:
             names = ", ".join(r["name"] for r in records[-8:]) or "none"
             raise UserError(f"resume_from={ref}: no checkpoint named '{name}' in {Path(run_dir) / INDEX} (available: "
@@ -173,6 +223,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     for r in rows:
         size = f"{r['size_mb']} MB" if r["size_mb"] is not None else "-"
         print(f"{r['name']:<14} {r['step']:>6} {r['kind']:<6} {r['time'] or '-':<25} {size:>9}  {r['state_path']}")
+    deleted = deleted_checkpoints(args.run_dir)
+    if deleted:
+        names = ("..., " if len(deleted) > 6 else "") + ", ".join(r["name"] for r in deleted[-6:])
+        print(f"({len(deleted)} older periodic checkpoint(s) deleted by retention ({deleted[-1].get('reason')}): "
+              f"{names})")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ class ReconnectableClient:
         else:
             self._inner = self._service.create_training_client(base_model=base_model, lora_rank=lora_rank, seed=seed)
         self._blocking = ThreadPoolExecutor(1, thread_name_prefix="sampler-save")
+        self._rest = None  # the SDK's REST client, made on first use (only checkpoint deletion needs it)
 
     # -- properties ----------------------------------------------------------------------------------------------
     @property
@@ -116,6 +117,15 @@ class ReconnectableClient:
         rows = self._mgr.list_checkpoints(self._job_id)
         return sorted(r["name"].rsplit("/", 1)[-1] for r in rows
                       if str(r.get("checkpointType", "")).startswith(_DCP_ROW_PREFIX))
+
+    def delete_checkpoint(self, checkpoint_id: str, timeout: float | None = None) -> None:
+        """Delete one of this model's checkpoints on the trainer: `weights/<name>` (DCP) or `sampler_weights/<name>`
+        (a sampler snapshot, named by its snapshot name). Not in the spec's surface: checkpoint retention needs it.
+        It is tinker 0.23's REST call (DELETE /api/v1/training_runs/{model_id}/checkpoints/{checkpoint_id}) through
+        the SDK's own REST client; raises on failure (the embedded trainer answers 404 for an unknown name)."""
+        if self._rest is None:
+            self._rest = self._service.create_rest_client()
+        self._wait(self._rest.delete_checkpoint(self._inner.model_id, checkpoint_id), timeout)
 
     def close(self) -> None:
         """Release the SDK session (its heartbeat thread); the trainer job itself keeps running."""

@@ -25,7 +25,10 @@ from conftest import REPO, run_cli
 
 TESTS = Path(__file__).resolve().parent
 STORAGE = Path(os.environ["COOKBOOK_PLATFORM_ROOT"])
-COMMON = ["weight_sync.dcp_save_interval=2", "recipe.batch_size=8", "recipe.eval_dataset=null"]
+# These tests rewind to early checkpoints and compare whole indexes, so their runs keep every periodic checkpoint;
+# retention (dcp_keep_last) with resume is tested in test_storage.py.
+COMMON = ["weight_sync.dcp_save_interval=2", "weight_sync.dcp_keep_last=0", "recipe.batch_size=8",
+          "recipe.eval_dataset=null"]
 # GRPO from random init with exact-match rewards almost never sees a group with reward variance, so no step would
 # train; this reward (fraction of digits in the completion) varies within a group from the first step on.
 GRPO = ["recipe.group_size=4", "recipe.max_completion_tokens=4", "recipe.init_from=null",

@@ -1,6 +1,7 @@
 """`python -m cookbook.local`: the embedded platform on its own.
 
     python -m cookbook.local serve [--root DIR] [--port N] [--catalog FILE.json]
+    python -m cookbook.local storage [--prune [--yes]] [--include-unrecorded] [--storage DIR]
 
 `serve` starts the control plane on 127.0.0.1 (it spawns trainers and deployments on demand) and prints, first and
 flushed, the two lines a program written against the official Fireworks training SDK needs:
@@ -13,6 +14,11 @@ started (control plane, trainers, deployments) and exits 0. `--root` holds this 
 (default: a fresh temporary directory, removed on exit); trainer checkpoints and promoted models go to the shared
 storage root ($COOKBOOK_PLATFORM_ROOT, default ~/.cache/cookbook/platform). `--catalog` (or
 $COOKBOOK_PLATFORM_CATALOG) adds shapes and model aliases: see `cookbook/local/catalog.py` for the format.
+
+`storage` lists what the storage root holds: each trainer job with its run, size, age and state (running,
+referenced, orphaned, unrecorded), then the warm starts and promoted models. `--prune` shows what no run can resume
+from or promote (orphaned jobs, unreferenced checkpoints and snapshots, temp dirs of crashed saves) and `--yes`
+deletes it; see `cookbook/local/storage.py` for the rules.
 """
 
 from __future__ import annotations
@@ -72,6 +78,77 @@ def serve(args: argparse.Namespace) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def storage(args: argparse.Namespace) -> int:
+    from cookbook.local import storage as st
+    from cookbook.local.platform_root import storage_root
+
+    root = Path(args.storage).expanduser().resolve() if args.storage else storage_root()
+    if args.yes and not args.prune:
+        print("error: --yes confirms a prune and does nothing on its own. Fix: run `python -m cookbook.local storage "
+              "--prune` to see what would be deleted, then add --yes to delete it.", file=sys.stderr)
+        return 2
+    if not root.is_dir():
+        print(f"{root}: nothing stored yet")
+        return 0
+    survey = st.survey(root, include_unrecorded=args.include_unrecorded)
+    _print_survey(survey)
+    if not args.prune:
+        return 0
+    doomed = survey.prunable()
+    total = sum(e.size for e in doomed)
+    print(f"\n{'deleting' if args.yes else 'would delete'} ({len(doomed)} item(s), {_size(total)}):")
+    for e in doomed:
+        print(f"  {_size(e.size):>9}  {e.path}  ({e.why})")
+    if not args.yes:
+        print("dry run: nothing deleted; add --yes to delete these.")
+        return 0
+    freed = st.delete(doomed)
+    print(f"freed {_size(freed)}; {root} now holds {_size(st.size_and_newest(root)[0])}")
+    return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _age(mtime: float) -> str:
+    import time
+
+    s = max(0.0, time.time() - mtime)
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= span:
+            return f"{s / span:.0f}{unit}"
+    return f"{s:.0f}s"
+
+
+def _print_survey(survey) -> None:
+    jobs = survey.jobs
+    total = sum(j.size for j in jobs) + sum(e.size for e in survey.warmstarts + survey.models + survey.other_leftovers)
+    print(f"storage root {survey.root}: {_size(total)}")
+    print(f"\n{'job':<24} {'state':<11} {'size':>9} {'age':>5}  run")
+    for j in jobs:
+        print(f"{j.job_id:<24} {j.state:<11} {_size(j.size):>9} {_age(j.newest):>5}  {j.run or '-'}")
+        details = []
+        if j.resumable:
+            details.append(f"resumable: {', '.join(j.resumable[-3:])}")
+        if j.promotable:
+            details.append(f"promotable: {', '.join(j.promotable[-3:])}")
+        if j.reason:
+            details.append(j.reason)
+        if details:
+            print(f"{'':<24} {'; '.join(details)}")
+    counts = {s: sum(j.state == s for j in jobs) for s in ("running", "referenced", "orphaned", "unrecorded")}
+    print(f"{len(jobs)} job(s): " + ", ".join(f"{n} {s}" for s, n in counts.items()))
+    for title, entries in (("warm starts (kept)", survey.warmstarts), ("promoted models (kept)", survey.models)):
+        print(f"\n{title}: {_size(sum(e.size for e in entries))}")
+        for e in entries:
+            print(f"  {_size(e.size):>9}  {e.path.name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cookbook.local", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,6 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--catalog", help="a catalog file adding training shapes and model aliases "
                                      "(default: $COOKBOOK_PLATFORM_CATALOG)")
     s.set_defaults(func=serve)
+    g = sub.add_parser("storage", help="list what the platform storage holds; --prune deletes what no run needs",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("--prune", action="store_true", help="show what no run can resume from or promote (dry run)")
+    g.add_argument("--yes", action="store_true", help="with --prune: delete it")
+    g.add_argument("--include-unrecorded", action="store_true",
+                   help="treat jobs no run recorded (made before the run registry, or through `serve`) as orphaned")
+    g.add_argument("--storage", help="the storage root (default: $COOKBOOK_PLATFORM_ROOT or ~/.cache/cookbook/platform)")
+    g.set_defaults(func=storage)
     args = p.parse_args(argv)
     return args.func(args)
 

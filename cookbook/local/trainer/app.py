@@ -20,10 +20,11 @@ from typing import Any, Callable
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cookbook.local import models
+from cookbook.local.storage import remove_temp_leftovers
 from cookbook.local.trainer.checkpoints import Store, check_name, weights_info
 from cookbook.local.trainer.engine import TrainModel
 from cookbook.local.trainer.losses import UserRequestError
@@ -61,6 +62,10 @@ class TrainerService:
         self._ids = itertools.count(1)
         self._tokenizers: dict[str, Any] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
+        # A trainer starting on a store is its only writer: what a crashed save left there (hidden temp dirs) can go.
+        # This is how a resumed job (`:resume` after its trainer died) cleans up after itself.
+        for leftover in remove_temp_leftovers(store.root):
+            log.info("removed %s, left by an unfinished save", leftover)
         # Warm the compute thread (model classes import in ~4 s) while the client is still connecting.
         self.executor.submit(lambda: (models.load_model(base_model, seed=seed) if models.is_embedded(base_model)
                                       else None, self.tokenizer(base_model)))
@@ -273,6 +278,20 @@ def build_app(svc: TrainerService) -> Starlette:
     async def list_checkpoints(request):
         return JSONResponse({"checkpoints": svc.store.list_checkpoints()})
 
+    async def delete_checkpoint(request):
+        """tinker's RestClient.delete_checkpoint: `weights/<name>` or `sampler_weights/<name>` of this job's store.
+        Not queued behind the model's operations: names are unique per save, so it never races its own save."""
+        model_id, checkpoint_id = request.path_params["model_id"], request.path_params["checkpoint_id"]
+        if model_id not in svc.models:
+            return _err(404, f"unknown model_id {model_id!r}")
+        kind, _, name = checkpoint_id.partition("/")
+        try:
+            await asyncio.to_thread(svc.store.delete, kind, name)
+        except FileNotFoundError:
+            return _err(404, f"checkpoint {checkpoint_id!r} not found in trainer job {svc.store.job_id}")
+        log.info("deleted %s of job %s", checkpoint_id, svc.store.job_id)
+        return Response(status_code=204)
+
     def _save_state(m: TrainModel, b: dict) -> dict:
         svc.store.save_state(m, check_name(b.get("path")))
         log.info("saved state %s of %s at step %d", b.get("path"), m.model_id, m.step)
@@ -351,6 +370,8 @@ def build_app(svc: TrainerService) -> Starlette:
         Route("/api/v1/get_info", get_info, methods=["POST"]),
         Route("/api/v1/weights_info", weights_info_ep, methods=["POST"]),
         Route("/api/v1/list_checkpoints", list_checkpoints, methods=["GET"]),
+        Route("/api/v1/training_runs/{model_id}/checkpoints/{checkpoint_id:path}", delete_checkpoint,
+              methods=["DELETE"]),
         Route("/api/v1/forward", ordered("forward", "forward_input", lambda m, b: m.forward(b)), methods=["POST"]),
         Route("/api/v1/forward_backward", ordered("forward_backward", "forward_backward_input",
                                                   lambda m, b: m.forward_backward(b), trains=True), methods=["POST"]),

@@ -165,6 +165,23 @@ class Store:
     def sampler_dir(self, identity: str) -> Path:
         return self.sampler / check_name(identity, "sampler checkpoint name")
 
+    # ------------------------------------------------------------------ deletion
+    def delete(self, kind: str, name: str) -> None:
+        """Delete this job's DCP checkpoint (`weights`) or sampler snapshot (`sampler_weights`) `name`; raises
+        FileNotFoundError when there is none. Only ever inside this store: `name` is a plain name (no slashes).
+        The directory is renamed to a hidden name first, so an interrupted delete leaves a temp dir (removed at the
+        next start), never a half checkpoint that still lists as complete."""
+        parent = {"weights": self.checkpoints, "sampler_weights": self.sampler}.get(kind)
+        if parent is None:
+            raise UserRequestError(f"cannot delete {kind}/{name}: checkpoint ids are weights/<name> (a DCP "
+                                   "checkpoint) or sampler_weights/<name> (a sampler snapshot)")
+        target = parent / check_name(name)
+        if not target.is_dir():
+            raise FileNotFoundError(f"{kind}/{name}")
+        doomed = parent / f".deleting-{name}-{uuid.uuid4().hex[:8]}"
+        os.replace(target, doomed)
+        shutil.rmtree(doomed)
+
 
 def weights_info(store: Store, tinker_path: object) -> dict:
     path = store.resolve(tinker_path)
