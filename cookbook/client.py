@@ -9,7 +9,7 @@ last DCP checkpoint. The same class drives Fireworks and the embedded platform; 
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 import tinker
@@ -49,7 +49,6 @@ class ReconnectableClient:
             self._inner = self._service.create_base_training_client(base_model)
         else:
             self._inner = self._service.create_training_client(base_model=base_model, lora_rank=lora_rank, seed=seed)
-        self._blocking = ThreadPoolExecutor(1, thread_name_prefix="sampler-save")
         self._rest = None  # the SDK's REST client, made on first use (only checkpoint deletion needs it)
 
     # -- properties ----------------------------------------------------------------------------------------------
@@ -103,9 +102,9 @@ class ReconnectableClient:
     def save_weights_for_sampler_ext(self, name: str, checkpoint_type: str | None = None,
                                      timeout: float = 2700) -> "SaveSamplerResult":
         """Sampler snapshot (`base` / `delta`); the result's `snapshot_name` (`<name>-<session>`) is the hot-load
-        identity. The SDK call blocks without a deadline, so it runs on a worker thread to honour `timeout`."""
-        call = self._blocking.submit(self._inner.save_weights_for_sampler_ext, name, checkpoint_type=checkpoint_type)
-        return call.result(timeout=timeout)
+        identity. The SDK call blocks without a deadline, so it runs under `call_with_deadline` to honour `timeout`."""
+        return call_with_deadline(timeout, self._inner.save_weights_for_sampler_ext, name,
+                                  checkpoint_type=checkpoint_type)
 
     def resolve_checkpoint_path(self, name: str, source_job_id: str | None = None) -> str:
         return self._inner.resolve_checkpoint_path(name, source_job_id=source_job_id)
@@ -129,10 +128,32 @@ class ReconnectableClient:
 
     def close(self) -> None:
         """Release the SDK session (its heartbeat thread); the trainer job itself keeps running."""
-        self._blocking.shutdown(wait=False, cancel_futures=True)
         for close in (self._service.close, getattr(getattr(self._service, "holder", None), "close", None)):
             try:
                 if close is not None:
                     close()
             except Exception:  # best effort at teardown
                 pass
+
+
+def call_with_deadline(timeout: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` on a daemon thread, waited for at most `timeout` seconds (then TimeoutError). A daemon
+    thread rather than an executor's: executor threads are joined at interpreter exit, so one stuck call would also
+    hang the driver's exit after it reported the failure."""
+    outcome: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the caller below
+            outcome["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=f"deadline-{getattr(fn, '__name__', 'call')}", daemon=True).start()
+    if not done.wait(timeout):
+        raise TimeoutError(f"{getattr(fn, '__qualname__', fn)} did not finish within {timeout:.0f}s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
