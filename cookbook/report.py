@@ -284,6 +284,21 @@ def table(jobs: list[Job]) -> str:
     return "\n".join(lines)
 
 
+def held_out_table(jobs: list[Job]) -> str:
+    """Each job's held-out metrics at step 0 (logged before the first update) and at its last evaluation; empty when
+    no job logged a step-0 evaluation."""
+    lines = []
+    for job in jobs:
+        for key in family_keys([job], FAMILIES["eval"][1]):
+            steps, values = series(job, key)
+            if len(steps) >= 2 and steps[0] == 0:
+                lines.append(f"| {_cell(job.label)} | {key} | {values[0]:.4g} | {values[-1]:.4g} (step {steps[-1]}) | "
+                             f"{values[-1] - values[0]:+.4g} |")
+    if not lines:
+        return ""
+    return "\n".join(["| job | held-out metric | step 0 | end | change |", "|---|---|---|---|---|", *lines])
+
+
 def counts(jobs: list[Job]) -> str:
     by_state: dict[str, int] = {}
     for job in jobs:
@@ -293,6 +308,9 @@ def counts(jobs: list[Job]) -> str:
 
 def render(source: Path, jobs: list[Job], plots: list[tuple[str, Path]], out: Path) -> str:
     parts = [f"# Report: {source}", "", counts(jobs), "", table(jobs), ""]
+    held_out = held_out_table(jobs)
+    if held_out:
+        parts += ["## Held-out evaluation: step 0 vs end", "", held_out, ""]
     if plots:
         parts += ["## Plots", ""]
         parts += [f"![{title}]({_relative(path, out)})" for title, path in plots]

@@ -29,3 +29,10 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The learning proofs' table of step-0 vs end metrics (tests/test_learning.py), after the test results."""
+    table = getattr(config, "learning_table", None)
+    if table:
+        terminalreporter.write_line("\n" + table)

@@ -154,12 +154,101 @@ def test_resolve_dataset(tmp_path):
         resolve_dataset(str(tmp_path / "missing.jsonl"))
 
 
+# Bundled toy data: each family's splits, read here with plain json (not through cookbook.data).
+DATA = Path(__file__).resolve().parents[1] / "cookbook" / "data"
+FAMILIES = {"sft_arith": "sft", "grpo_arith": "grpo", "pref": "preference"}
+SPLITS = ("train", "val", "eval")
+
+
+def _prompt_and_answers(row: dict) -> tuple[str, list[str]]:
+    """(user prompt, [assistant answers]) of a bundled row in any of its schemas."""
+    if "messages" in row:
+        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        return row["messages"][0]["content"], answers or [row["ground_truth"]]
+    if "chosen" in row:
+        return row["chosen"]["messages"][0]["content"], [row["chosen"]["messages"][1]["content"],
+                                                         row["rejected"]["messages"][1]["content"]]
+    if "samples" in row:
+        best = sorted(row["samples"], key=lambda x: -x.get("score", x.get("evals", {}).get("score", 0)))
+        return best[0]["messages"][0]["content"], [x["messages"][1]["content"] for x in best]
+    return row["input"]["messages"][0]["content"], [row["preferred_output"][0]["content"],
+                                                    row["non_preferred_output"][0]["content"]]
+
+
+def _bundled(name: str) -> list[tuple[str, list[str]]]:
+    return [_prompt_and_answers(json.loads(line)) for line in (DATA / f"{name}.jsonl").read_text().splitlines()]
+
+
+def _unordered(prompt: str) -> frozenset:
+    a, b = prompt.rstrip("=").split("+")
+    return frozenset((int(a), int(b)))
+
+
+def test_bundled_files_are_the_generator_output(tmp_path, monkeypatch):
+    """`scripts/make_toy_data.py` is deterministic and the shipped files are exactly what it writes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_toy_data", DATA.parents[1] / "scripts" / "make_toy_data.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    monkeypatch.setattr(gen, "DATA", tmp_path)
+    monkeypatch.setattr(gen, "ROOT", tmp_path)
+    gen.make_bundled(0)
+    written = sorted(p.name for p in tmp_path.glob("*.jsonl"))
+    assert written == sorted(p.name for p in DATA.glob("*.jsonl"))
+    for name in written:
+        assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
+
+
+def test_bundled_splits_are_disjoint_and_answers_are_sums():
+    seen_eval: set = set()
+    for family in FAMILIES:
+        rows = {split: _bundled(f"{family}_{split}") for split in SPLITS}
+        prompts = {split: {p for p, _ in rows[split]} for split in SPLITS}
+        pairs = {split: {_unordered(p) for p in prompts[split]} for split in SPLITS}
+        assert [len(rows[s]) for s in SPLITS] == [len(prompts[s]) for s in SPLITS]  # no prompt twice in a file
+        # GRPO's default run is one pass over its file: 2,000 of the 8,000 training problems.
+        assert [len(prompts[s]) for s in SPLITS] == [2000 if family == "grpo_arith" else 8000, 1000, 1000]
+        # Disjoint in the prompt, and even in the unordered pair (a+b vs b+a).
+        for x, y in [("train", "eval"), ("train", "val"), ("val", "eval")]:
+            assert not pairs[x] & pairs[y], f"{family}: {x} and {y} share {sorted(pairs[x] & pairs[y])[:3]}"
+        if family != "grpo_arith":
+            assert len(set().union(*pairs.values())) == 5050  # together: every unordered pair of 0..99 once
+        else:
+            assert prompts["train"] <= {p for p, _ in _bundled("sft_arith_train")}
+        for split in SPLITS:
+            for prompt, answers in rows[split]:
+                a, b = (int(x) for x in prompt.rstrip("=").split("+"))
+                assert prompt == f"{a:02d}+{b:02d}=" and answers[0] == f"{a + b:03d}", (family, prompt, answers)
+                if family == "pref":  # a wrong sum, same format
+                    assert len(answers[1]) == 3 and answers[1] != answers[0] and int(answers[1]) <= 198, answers
+        seen_eval |= prompts["eval"]
+    # The three families hold out the same problems, so no recipe trains on another's eval prompts either.
+    assert len(seen_eval) == 1000
+
+
+def test_eval_sets_are_disjoint_from_the_warm_start_data():
+    """Every recipe's default eval set is disjoint from its training set and from the data GRPO's warm start
+    (`warmstart:arith`) is trained on."""
+    from cookbook.config import RECIPES
+    from cookbook.warmstart import WARMSTART_TASKS
+
+    settings = dict(o.split("=", 1) for o in WARMSTART_TASKS["arith"])
+    assert settings["recipe.eval_dataset"] == "null"  # the warm start reads no held-out rows either
+    warm = {_unordered(p) for p, _ in _bundled(settings["recipe.dataset"].removeprefix("bundled:"))}
+    for name, cls in RECIPES.items():
+        cfg = cls()
+        train = {_unordered(p) for p, _ in _bundled(cfg.dataset.removeprefix("bundled:"))}
+        held_out = {_unordered(p) for p, _ in _bundled(cfg.eval_dataset.removeprefix("bundled:"))}
+        assert cfg.eval_dataset.endswith("_eval") and held_out, name
+        assert not held_out & train and not held_out & warm, name
+
+
 def test_bundled_datasets_load(tok):
-    for name, kind in [("sft_arith_eval", "sft"), ("grpo_arith_train", "grpo"), ("grpo_arith_eval", "grpo"),
-                       ("pref_train", "preference"), ("pref_eval", "preference")]:
-        ds = load_dataset(f"bundled:{name}", kind, tok, 512, max_completion_tokens=8)
-        assert ds.num_items == len(ds) and not ds.skipped
-        assert resolve_dataset(f"bundled:{name}").stat().st_size < 200_000
+    for family, kind in FAMILIES.items():
+        for split in ("val", "eval"):  # the train files are read by every recipe run
+            ds = load_dataset(f"bundled:{family}_{split}", kind, tok, 512, max_completion_tokens=8)
+            assert ds.num_items == len(ds) == 1000 and not ds.skipped
     rows = load_rows(resolve_dataset("bundled:grpo_arith_train"), "grpo")
     assert all(exact_match(r["ground_truth"], r) == 1.0 for r in rows)
     schemas = {("chosen" in r) * "a" + ("samples" in r) * "b" + ("input" in r) * "c"

@@ -85,13 +85,14 @@ def test_recipe_end_to_end_through_the_cli(recipe, tmp_path):
         if recipe != "grpo":  # the GRPO surrogate can be negative
             assert m["train/loss"] >= 0
 
-    # The evaluation hook runs once at the end (eval_dataset is set by default) and is the last line.
+    # The evaluation hook (eval_dataset is set by default) runs before the first step and at the end: the first
+    # and the last line.
     key = EVAL_METRIC[recipe]
     evals = [m for m in metrics if key in m]
-    assert len(evals) == 1 and metrics[-1] is evals[0] and evals[0]["step"] == STEPS
-    assert 0.0 <= evals[0][key] <= 1.0
+    assert [m["step"] for m in evals] == [0, STEPS] and metrics[0] is evals[0] and metrics[-1] is evals[-1]
+    assert all(0.0 <= m[key] <= 1.0 for m in evals)
     status = json.loads((run_dir / "status.json").read_text())
-    assert status["final_metrics"][key] == evals[0][key]
+    assert status["final_metrics"][key] == evals[-1][key]
     if recipe == "grpo":
         # The warm start really was used: announced, and cached where later runs find it.
         assert "warm start warmstart:arith" in result.stderr
@@ -102,7 +103,8 @@ def test_recipe_end_to_end_through_the_cli(recipe, tmp_path):
 def test_sweep_of_two_real_sft_jobs(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = run_cli("-m", "+recipe=sft", "max_steps=2", "recipe.batch_size=4", "recipe.eval_dataset=null",
-                     "recipe.learning_rate=1e-3,3e-3", f"hydra.sweep.dir={sweep_dir}")
+                     "recipe.warmup_steps=0", "recipe.lr_schedule=constant", "recipe.learning_rate=1e-3,3e-3",
+                     f"hydra.sweep.dir={sweep_dir}")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     jobs = sorted(d for d in sweep_dir.iterdir() if d.is_dir() and d.name[0].isdigit())
     assert [d.name.split("_")[0] for d in jobs] == ["0", "1"]

@@ -1,8 +1,9 @@
 """DPO: prefer the chosen response over the rejected one, relative to a frozen reference model.
 
-The reference's sequence logprobs are computed once per pair (training and held-out pairs) before training and
-cached; the reference trainer is then released. Per step: one `forward_backward_custom` over the batch laid out
-[c0, r0, c1, r1, ...] with −log σ(β·margin) over response tokens only → `optim_step`.
+The reference's sequence logprobs are computed once per training pair before training and cached; the reference
+trainer is then released (held-out pairs are scored by the policy alone: `preference_eval`). Per step: one
+`forward_backward_custom` over the batch laid out [c0, r0, c1, r1, ...] with −log σ(β·margin) over response
+tokens only → `optim_step`.
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ def train(run: RunConfig, session: Any, logger: MetricsLogger) -> dict[str, Any]
 
     # Reference logprobs, once per pair; then the reference trainer is no longer needed.
     ref_cache = dict(zip(usable, sequence_logprobs(session.reference, [data.items[i] for i in usable])))
-    held_out_ref = sequence_logprobs(session.reference, held_out) if held_out else None
     session.release_reference()
-    evaluate = preference_eval(session, held_out, held_out_ref, cfg.beta) if held_out else None
+    evaluate = preference_eval(session, held_out) if held_out else None
 
     cursor = DataCursor(len(data), cfg.epochs, cfg.shuffle, run.seed, data.valid)
     loop = TrainingLoop(run, session, logger, cursor, recipe="dpo", batch_size=cfg.batch_size, evaluate=evaluate)

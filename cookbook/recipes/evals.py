@@ -1,4 +1,6 @@
-"""Evaluation hooks: held-out exact match by greedy sampling (SFT, GRPO), preference accuracy (DPO, ORPO)."""
+"""Evaluation hooks: held-out exact match by greedy sampling (SFT, GRPO; GRPO also the mean reward of sampled
+completions), preference accuracy (DPO, ORPO). The loop calls them at step 0 and at the end (and every
+`eval_interval` steps), so each run's baseline is measured the same way as its result."""
 
 from __future__ import annotations
 
@@ -15,24 +17,36 @@ def _target(row: dict[str, Any]) -> str:
 
 
 def exact_match_eval(session: Any, spec: str, kind: str, max_rows: int, max_tokens: int,
-                     reward_fn: Optional[Callable[[str, dict], float]] = None) -> Callable[[Any], dict[str, float]]:
-    """Greedy completions from the deployment after syncing the current weights; mean reward (default: exact match
-    of the stripped completion against the row's last assistant message or ground_truth)."""
+                     reward_fn: Optional[Callable[[str, dict], float]] = None, reward_samples: int = 0,
+                     temperature: float = 1.0, top_p: float = 1.0) -> Callable[[Any], dict[str, float]]:
+    """`eval/exact_match`: greedy completions from the deployment (after syncing the current weights) compared with
+    the row's ground_truth or last assistant message, stripped. With `reward_fn` and `reward_samples` > 0, also
+    `eval/reward`: the mean reward of that many completions per prompt sampled as in training (temperature, top_p),
+    i.e. what the policy earns on prompts it never trained on."""
     from cookbook.rewards import exact_match
 
     rows = load_rows(resolve_dataset(spec), kind)[:max_rows]
     tokenizer = session.tokenizer
     prompts = [render_prompt(strip_trailing_assistant(r["messages"]), tokenizer) for r in rows]
     stops = stop_token_ids(tokenizer)
-    score = reward_fn or (lambda text, row: exact_match(text, {"ground_truth": _target(row)}))
+
+    def texts(groups: list) -> list[list[str]]:
+        return [[tokenizer.decode(c.tokens, skip_special_tokens=True) for c in g] for g in groups]
 
     def evaluate(loop: Any) -> dict[str, float]:
         loop.ensure_deployment_current()
-        groups = session.sampler.sample_many(prompts, n=1, max_tokens=max_tokens, temperature=0.0,
-                                             stop_token_ids=stops, seed=0)
-        texts = [tokenizer.decode(g[0].tokens, skip_special_tokens=True) for g in groups]
-        scores = [score(t, r) for t, r in zip(texts, rows)]
-        return {"eval/exact_match": sum(scores) / max(len(scores), 1), "eval/rows": len(rows)}
+        greedy = texts(session.sampler.sample_many(prompts, n=1, max_tokens=max_tokens, temperature=0.0,
+                                                   stop_token_ids=stops, seed=0))
+        hits = [exact_match(g[0], {"ground_truth": _target(r)}) for g, r in zip(greedy, rows)]
+        metrics = {"eval/exact_match": sum(hits) / max(len(hits), 1), "eval/rows": len(rows)}
+        if reward_fn is not None and reward_samples > 0:
+            # A fixed seed: every evaluation of a run draws the same random streams, so changes come from weights.
+            sampled = texts(session.sampler.sample_many(prompts, n=reward_samples, max_tokens=max_tokens,
+                                                        temperature=temperature, top_p=top_p, stop_token_ids=stops,
+                                                        seed=1))
+            rewards = [float(reward_fn(t, r)) for g, r in zip(sampled, rows) for t in g]
+            metrics["eval/reward"] = sum(rewards) / max(len(rewards), 1)
+        return metrics
 
     return evaluate
 
@@ -59,18 +73,16 @@ def mean_logprobs(client: Any, pairs: list[tuple[Any, Any]], batch_pairs: int = 
     return [(sc / max(nc, 1.0), sr / max(nr, 1.0)) for (sc, sr), (nc, nr) in zip(sums, counts)]
 
 
-def preference_eval(session: Any, pairs: list[tuple[Any, Any]], reference: Optional[list[tuple[float, float]]],
-                    beta: float = 1.0) -> Callable[[Any], dict[str, float]]:
-    """Held-out preference accuracy: DPO's implicit reward margin (with reference logprobs) or, without a reference,
-    ORPO's length-normalized logprob margin."""
+def preference_eval(session: Any, pairs: list[tuple[Any, Any]]) -> Callable[[Any], dict[str, float]]:
+    """Held-out preference accuracy, the same for DPO and ORPO: the fraction of pairs whose chosen response the
+    policy gives a higher mean per-token logprob than the rejected one (`eval/margin`: the mean difference).
+
+    Why not DPO's implicit reward β·[(π_c − ref_c) − (π_r − ref_r)]: at step 0 the policy is the reference,
+    every margin is 0 and that accuracy is 0 by construction, so it cannot serve as a baseline. The policy's own ranking
+    is measurable before training and is what a user of the trained model gets."""
 
     def evaluate(loop: Any) -> dict[str, float]:
-        if reference is not None:
-            policy = sequence_logprobs(session.policy, pairs)
-            margins = [(pc - rc) - (pr - rr) for (pc, pr), (rc, rr) in zip(policy, reference)]
-            margins = [beta * m for m in margins]
-        else:
-            margins = [c - r for c, r in mean_logprobs(session.policy, pairs)]
+        margins = [c - r for c, r in mean_logprobs(session.policy, pairs)]
         return {"eval/preference_accuracy": sum(m > 0 for m in margins) / max(len(margins), 1),
                 "eval/margin": sum(margins) / max(len(margins), 1), "eval/pairs": len(pairs)}
 

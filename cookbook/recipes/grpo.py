@@ -48,7 +48,7 @@ def train(run: RunConfig, session: Any, logger: MetricsLogger) -> dict[str, Any]
     evaluate = None
     if cfg.eval_dataset:
         evaluate = exact_match_eval(session, cfg.eval_dataset, "grpo", cfg.max_eval_rows, cfg.max_completion_tokens,
-                                    reward_fn)
+                                    reward_fn, cfg.eval_samples, cfg.temperature, cfg.top_p)
 
     cursor = DataCursor(len(data), cfg.epochs, cfg.shuffle, run.seed, data.valid)
     loop = TrainingLoop(run, session, logger, cursor, recipe="grpo", batch_size=cfg.batch_size, evaluate=evaluate,

@@ -2,10 +2,13 @@
 
 A recipe builds its data, then iterates `for batch in loop.steps():` and does only its algorithm inside the
 loop body (forward/backward, `loop.optim_step()`, `loop.record(...)`). Around each step the loop handles what
-every recipe needs in the same order: resume before the first step, then after each optimizer step weight sync
-(per `weight_sync_interval`), DCP save (per `dcp_save_interval`), evaluation (per `recipe.eval_interval`),
-metrics and the progress bar; `loop.finish()` runs the final evaluation, the final (resumable + promotable)
-checkpoint and promotion.
+every recipe needs in the same order: resume and the step-0 evaluation before the first step, then after each
+optimizer step weight sync (per `weight_sync_interval`), DCP save (per `dcp_save_interval`), evaluation (per
+`recipe.eval_interval`), metrics and the progress bar; `loop.finish()` runs the final evaluation, the final
+(resumable + promotable) checkpoint and promotion.
+
+Evaluation at step 0 and at the end uses the same held-out set and metric, so every run reports its own baseline:
+a gain is measured against the model it started from, not against an earlier point of its own training.
 
 Determinism for exact resume: the data order comes from the cursor (seeded per epoch) and every sampling seed is
 derived from (seed, step), so step + cursor are the only state besides the trainer's weights and optimizer.
@@ -25,6 +28,7 @@ from cookbook.checkpoints import Checkpointer, promote, read_index
 from cookbook.config import RunConfig
 from cookbook.cursor import Batch, DataCursor
 from cookbook.metrics import MetricsLogger
+from cookbook.rundir import read_jsonl
 from cookbook.weight_sync import should_sync
 
 Evaluate = Callable[["TrainingLoop"], dict[str, float]]
@@ -51,6 +55,7 @@ class TrainingLoop:
         self.total_steps = self.step + remaining
         self.metrics: dict[str, Any] = {}
         self.epoch = cursor.epoch
+        self._last_eval: Optional[tuple[int, dict[str, float]]] = None  # (step, metrics) of the latest evaluation
         if point.source:
             tqdm.write(f"[{recipe}] resumed from {point.source} at step {self.step}")
 
@@ -84,6 +89,11 @@ class TrainingLoop:
     # ------------------------------------------------------------------------------------------------- steps
     def steps(self) -> Iterator[Batch]:
         """Yield one batch of row indices per optimizer step; everything after the step happens here."""
+        if self.evaluate and self.step == 0:
+            # The baseline, before any update (a resumed run past step 0 logged it in its first attempt).
+            started = time.perf_counter()
+            metrics = self.evaluate_now()
+            self.logger.log({**metrics, "perf/eval_time": time.perf_counter() - started}, 0)
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.recipe, unit="step", dynamic_ncols=True,
                    file=sys.stderr, mininterval=1.0)
         try:
@@ -118,10 +128,17 @@ class TrainingLoop:
         if (self.evaluate and self.cfg.eval_interval and self.step % self.cfg.eval_interval == 0
                 and self.step < self.total_steps):
             with self.timed("eval"):
-                m.update(self.evaluate(self))
+                m.update(self.evaluate_now())
         m["perf/step_time"] = time.perf_counter() - started
         m["train/epoch"] = self.epoch
         self.logger.log(m, self.step)
+
+    def evaluate_now(self) -> dict[str, float]:
+        """Held-out metrics of the current weights (computed once per step: the end of a run with no steps left is
+        also its step 0)."""
+        if self._last_eval is None or self._last_eval[0] != self.step:
+            self._last_eval = (self.step, self.evaluate(self))
+        return self._last_eval[1]
 
     # ----------------------------------------------------------------------------------------- weight sync
     def sync_deployment(self, name: str, checkpoint_type: Optional[str] = None) -> None:
@@ -152,9 +169,12 @@ class TrainingLoop:
     def finish(self) -> dict[str, Any]:
         final: dict[str, Any] = {"steps": self.step, "steps_this_attempt": self.step - self.start_step}
         if self.evaluate:
-            metrics = self.evaluate(self)
-            self.logger.log(metrics, self.step)
+            logged = self._last_eval is not None and self._last_eval[0] == self.step
+            metrics = self.evaluate_now()
+            if not logged:
+                self.logger.log(metrics, self.step)
             final.update(metrics)
+            tqdm.write(f"[{self.recipe}] held-out {self._baseline_summary(metrics)}")
         records = read_index(self.run.log_path)
         if not (records and records[-1]["step"] == self.step and records[-1].get("kind") == "both"):
             record = self.checkpointer.save(self.step, self.cursor.state_dict(), final=True)
@@ -167,6 +187,18 @@ class TrainingLoop:
             final["promoted_model"] = model.get("localPath") or model.get("name")
             tqdm.write(f"[{self.recipe}] promoted {record['name']} as {final['promoted_model']}")
         return final
+
+    def _baseline_summary(self, end: dict[str, float]) -> str:
+        """`key: step 0 → step N` for each held-out metric, the step-0 values read back from metrics.jsonl (they
+        may come from an earlier attempt of a resumed run)."""
+        start = next((r for r in read_jsonl(self.logger.path) if r.get("step") == 0 and any(k in r for k in end)), {})
+        parts = []
+        for key, value in end.items():
+            if key.endswith(("rows", "pairs", "samples")) or not isinstance(value, (int, float)):
+                continue  # counts say how much was evaluated, not how well
+            before = f"{start[key]:.3f}" if isinstance(start.get(key), (int, float)) else "?"
+            parts.append(f"{key} {before} (step 0) -> {value:.3f} (step {self.step})")
+        return ", ".join(parts)
 
 
 class _Timer:

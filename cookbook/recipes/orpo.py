@@ -26,7 +26,7 @@ def train(run: RunConfig, session: Any, logger: MetricsLogger) -> dict[str, Any]
     evaluate = None
     if cfg.eval_dataset:
         eval_data = load_dataset(cfg.eval_dataset, "preference", session.tokenizer, max_len)
-        evaluate = preference_eval(session, [p for p in eval_data.items if p is not None][:cfg.max_eval_rows], None)
+        evaluate = preference_eval(session, [p for p in eval_data.items if p is not None][:cfg.max_eval_rows])
 
     loss_fn = orpo_loss_fn(cfg.orpo_lambda, raw_sum=cfg.raw_sum, normalization=cfg.normalization)
     cursor = DataCursor(len(data), cfg.epochs, cfg.shuffle, run.seed, data.valid)
