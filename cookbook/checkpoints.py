@@ -31,7 +31,7 @@ from typing import Any, Optional
 from cookbook.config import RunConfig
 from cookbook.errors import UserError
 from cookbook.faults import crash_point
-from cookbook.retention import discard, protect
+from cookbook.retention import discard
 from cookbook.rundir import append_jsonl, read_jsonl
 
 INDEX = "checkpoints.jsonl"
@@ -88,7 +88,6 @@ class Checkpointer:
         if final:
             saved = self.policy.save_weights_for_sampler_ext(name, checkpoint_type="base", timeout=self.timeout)
             record["sampler_path"] = saved.snapshot_name
-            protect(self.policy, f"sampler_weights/{saved.snapshot_name}")  # promotable: retention never deletes it
         record["save_time_s"] = round(time.time() - started, 3)
         crash_point("after_state_save")
         append_jsonl(self.log_path / INDEX, record)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 DELETE_TIMEOUT_S = 30.0
@@ -20,7 +20,6 @@ DELETE_TIMEOUT_S = 30.0
 @dataclass
 class _ClientState:
     off: str | None = None  # the error that turned deletion off
-    protected: set[str] = field(default_factory=set)  # checkpoints never to delete
 
 
 # One state per client, shared by its weight syncer and its checkpointer; it goes when the client goes.
@@ -34,17 +33,10 @@ def _state(client: Any) -> _ClientState:
         return _ClientState(off="unsupported client")
 
 
-def protect(client: Any, checkpoint_id: str) -> None:
-    """Never delete `checkpoint_id` through `client`. The final checkpoint's sampler snapshot needs it: it is saved
-    under the step's name, so when a weight sync at the same step saved one first, both have the same identity
-    (the final one overwrites it) and the syncer would otherwise count it as its own."""
-    _state(client).protected.add(checkpoint_id)
-
-
 def discard(client: Any, checkpoint_id: str) -> bool:
     """Delete `checkpoint_id` (`weights/<name>` or `sampler_weights/<name>`) of `client`'s model; True when done."""
     state = _state(client)
-    if state.off or checkpoint_id in state.protected:
+    if state.off:
         return False
     try:
         client.delete_checkpoint(checkpoint_id, timeout=DELETE_TIMEOUT_S)

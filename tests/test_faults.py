@@ -36,7 +36,7 @@ FAULTS = {
     "deployment_dies_mid_rollout": ("grpo", {"COOKBOOK_CRASH_AT": "mid_rollout@150"}, "deployment-",
                                     ["deployment", "is FAILED", "killed by SIGKILL", "deployment-"]),
     "hot_load_of_a_damaged_snapshot_fails": ("grpo", {"COOKBOOK_CORRUPT_AT": "sampler_snapshot@5"}, None,
-                                             ["could not load snapshot", "step-5-", "still serves"]),
+                                             ["could not load snapshot", "sync-5-", "still serves"]),
 }
 # GRPO samples from the deployment, whose batch padding may round logits differently between runs; SFT is exact.
 TOLERANCE = {"sft": 1e-6, "grpo": 1e-5}
@@ -83,7 +83,7 @@ def _fault_moment(proc: subprocess.Popen, log_path: Path, dies: str | None) -> f
             seen |= alive
         else:  # this run's trainer job, from its log's name, then its 5th snapshot
             jobs = [p.stem.removeprefix("trainer-") for p in (log_path / "platform" / "logs").glob("trainer-*.log")]
-            if any((STORAGE / "jobs" / job / "sampler").glob("step-5-*") for job in jobs):
+            if any((STORAGE / "jobs" / job / "sampler").glob("sync-5-*") for job in jobs):
                 return time.monotonic()
         time.sleep(0.05)
     pytest.fail(f"the fault never showed (exit code {proc.poll()})")

@@ -121,7 +121,7 @@ class TrainingLoop:
         m, ws = self.metrics, self.run.weight_sync
         if self.sync_every_step and should_sync(self.step, ws) and self.step < self.total_steps:
             with self.timed("weight_sync"):
-                self.sync_deployment(f"step-{self.step}")
+                self.sync_deployment(f"sync-{self.step}")  # not step-N: that is the final checkpoint's name
         if ws.dcp_save_interval and self.step % ws.dcp_save_interval == 0 and self.step < self.total_steps:
             with self.timed("dcp_save"):
                 self.checkpointer.save(self.step, self.cursor.state_dict())
