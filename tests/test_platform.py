@@ -20,7 +20,12 @@ from cookbook.local.platform import find_pids
 from tests.conftest import REPO
 
 DRIVER = textwrap.dedent("""
-    import sys, time
+    import faulthandler, signal, sys, time
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for every thread's stack if it hangs
+    # Ctrl-C as a terminal delivers it. A process started from a background job of a non-interactive shell (a CI
+    # script run with `&`) inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt handler: the
+    # driver would sleep through the signal (that was the flaky `[sigint]` case of issue #12).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from cookbook.local.platform import find_pids
     from launchers.local import launch
     from tests.platform_harness import run_config
@@ -60,6 +65,18 @@ def _start_driver(tmp_path, mode: str, deployment: bool):
     return proc, pids
 
 
+def _wait_or_dump(proc, timeout_s: float) -> tuple[str, str]:
+    """The driver's output once it exited; if it is still running after `timeout_s`, fail with its threads' stacks."""
+    try:
+        return proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"driver still running {timeout_s:.0f}s after the signal; its threads:\n{err[-12000:]}")
+
+
 def _assert_all_gone(root, pids, timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -74,7 +91,7 @@ def _assert_all_gone(root, pids, timeout_s: float = 30.0) -> None:
 def test_no_leftovers_after_exit_or_exception(tmp_path, mode, deployment, expected_rc):
     proc, pids = _start_driver(tmp_path, mode, deployment)
     assert len(pids) >= 2  # control plane + trainer
-    out, err = proc.communicate(timeout=60)
+    out, err = _wait_or_dump(proc, timeout_s=60)
     assert proc.returncode == expected_rc, err[-2000:]
     if mode == "exception":
         assert "driver failed on purpose" in err
@@ -88,6 +105,6 @@ def test_no_leftovers_after_ctrl_c_or_sigkill(tmp_path, sig):
     proc, pids = _start_driver(tmp_path, "wait", True)
     assert len(pids) >= 3  # control plane + trainer + deployment
     proc.send_signal(sig)
-    proc.communicate(timeout=60)
+    _wait_or_dump(proc, timeout_s=60)
     assert proc.returncode != 0
     _assert_all_gone(tmp_path, pids)
