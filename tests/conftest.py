@@ -36,3 +36,18 @@ def pytest_terminal_summary(terminalreporter, config):
     table = getattr(config, "learning_table", None)
     if table:
         terminalreporter.write_line("\n" + table)
+
+
+def prompt_and_answers(row: dict) -> tuple[str, list[str]]:
+    """(user prompt, [assistant answers]) of a bundled row in any of its schemas."""
+    if "messages" in row:
+        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
+        return row["messages"][0]["content"], answers or [row["ground_truth"]]
+    if "chosen" in row:
+        return row["chosen"]["messages"][0]["content"], [row["chosen"]["messages"][1]["content"],
+                                                         row["rejected"]["messages"][1]["content"]]
+    if "samples" in row:
+        best = sorted(row["samples"], key=lambda x: -x.get("score", x.get("evals", {}).get("score", 0)))
+        return best[0]["messages"][0]["content"], [x["messages"][1]["content"] for x in best]
+    return row["input"]["messages"][0]["content"], [row["preferred_output"][0]["content"],
+                                                    row["non_preferred_output"][0]["content"]]

@@ -25,6 +25,7 @@ from cookbook.errors import DataError, UserError
 from cookbook.local.models import build_tokenizer
 from cookbook.preferences import SkipRow, normalize_preference_row, render_pair
 from cookbook.rewards import exact_match, load_reward_fn
+from conftest import prompt_and_answers
 
 BAD = Path(__file__).parent / "data" / "bad"
 
@@ -160,23 +161,8 @@ FAMILIES = {"sft_arith": "sft", "grpo_arith": "grpo", "pref": "preference"}
 SPLITS = ("train", "val", "eval")
 
 
-def _prompt_and_answers(row: dict) -> tuple[str, list[str]]:
-    """(user prompt, [assistant answers]) of a bundled row in any of its schemas."""
-    if "messages" in row:
-        answers = [m["content"] for m in row["messages"] if m["role"] == "assistant"]
-        return row["messages"][0]["content"], answers or [row["ground_truth"]]
-    if "chosen" in row:
-        return row["chosen"]["messages"][0]["content"], [row["chosen"]["messages"][1]["content"],
-                                                         row["rejected"]["messages"][1]["content"]]
-    if "samples" in row:
-        best = sorted(row["samples"], key=lambda x: -x.get("score", x.get("evals", {}).get("score", 0)))
-        return best[0]["messages"][0]["content"], [x["messages"][1]["content"] for x in best]
-    return row["input"]["messages"][0]["content"], [row["preferred_output"][0]["content"],
-                                                    row["non_preferred_output"][0]["content"]]
-
-
 def _bundled(name: str) -> list[tuple[str, list[str]]]:
-    return [_prompt_and_answers(json.loads(line)) for line in (DATA / f"{name}.jsonl").read_text().splitlines()]
+    return [prompt_and_answers(json.loads(line)) for line in (DATA / f"{name}.jsonl").read_text().splitlines()]
 
 
 def _unordered(prompt: str) -> frozenset:

@@ -10,31 +10,19 @@ import json
 
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, prompt_and_answers, run_cli
+from cookbook.rundir import read_jsonl
 from cookbook import report
 
 ROWS = 40
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def eval_pairs(n: int) -> list[tuple[str, str, str]]:
     """(prompt, chosen answer, rejected answer) of the first bundled held-out pairs, read with plain json."""
     out = []
     for line in (REPO / "cookbook" / "data" / "pref_eval.jsonl").read_text().splitlines()[:n]:
-        row = json.loads(line)
-        if "chosen" in row:
-            out.append((row["chosen"]["messages"][0]["content"], row["chosen"]["messages"][1]["content"],
-                        row["rejected"]["messages"][1]["content"]))
-        elif "samples" in row:
-            best, worst = sorted(row["samples"], key=lambda s: -s.get("score", s.get("evals", {}).get("score", 0)))
-            out.append((best["messages"][0]["content"], best["messages"][1]["content"],
-                        worst["messages"][1]["content"]))
-        else:
-            out.append((row["input"]["messages"][0]["content"], row["preferred_output"][0]["content"],
-                        row["non_preferred_output"][0]["content"]))
+        prompt, answers = prompt_and_answers(json.loads(line))
+        out.append((prompt, answers[0], answers[-1]))  # the best and the worst
     return out
 
 
