@@ -8,11 +8,11 @@ __all__ = ["InfraConfig", "DeployConfig", "WeightSyncConfig", "WandBConfig", "Re
 def __getattr__(name: str):
     # The client classes pull in tinker (and so torch); load them only when asked so the CLI stays fast.
     if name == "ReconnectableClient":
-        from cookbook.client import ReconnectableClient
+        from cookbook.client.trainer import ReconnectableClient
 
         return ReconnectableClient
     if name == "WeightSyncer":
-        from cookbook.weight_sync import WeightSyncer
+        from cookbook.client.weight_sync import WeightSyncer
 
         return WeightSyncer
     raise AttributeError(f"module 'cookbook' has no attribute {name!r}")

@@ -14,7 +14,7 @@ Resume rules (documented in the README):
 A checkpoint whose base model, recipe or training shape differs from this run's is refused unless `resume_force`.
 
 Retention: after each periodic save, this trainer job's periodic checkpoints beyond the newest
-`weight_sync.dcp_keep_last` are deleted from the trainer's storage (best effort, `cookbook.retention`) and each
+`weight_sync.dcp_keep_last` are deleted from the trainer's storage (best effort, `cookbook.runs.retention`) and each
 deletion is recorded as an event line `{"event": "deleted", "name", "job_id", ...}`, after which the index no longer
 offers that checkpoint. Final checkpoints (kind `both`), the checkpoint of the newest line and other jobs' checkpoints
 (earlier attempts, other runs) are never deleted here; `python -m cookbook.local storage --prune` handles those.
@@ -30,9 +30,9 @@ from typing import Any, Optional
 
 from cookbook.config import RunConfig
 from cookbook.errors import UserError
-from cookbook.faults import crash_point
-from cookbook.retention import discard
-from cookbook.rundir import append_jsonl, read_jsonl
+from cookbook.runs.faults import crash_point
+from cookbook.runs.retention import discard
+from cookbook.runs.rundir import append_jsonl, read_jsonl
 
 INDEX = "checkpoints.jsonl"
 DELETED = "deleted"  # the event of an index line that records a retention deletion
@@ -207,7 +207,7 @@ def describe(log_path: str | Path, storage_root: Optional[Path] = None) -> list[
 def main(argv: Optional[list[str]] = None) -> None:
     import argparse
 
-    from cookbook.local.platform_root import storage_root
+    from cookbook.runs.rundir import storage_root
 
     parser = argparse.ArgumentParser(prog="python -m cookbook.checkpoints",
                                      description="List a run's checkpoints (name, step, kind, time, size).")

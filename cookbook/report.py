@@ -1,8 +1,8 @@
 """`python -m cookbook.report <run_or_sweep_dir> [--out DIR]`: PNG plots and a markdown table of a run or a sweep.
 
-A *job directory* is a run directory (`status.json`, `metrics.jsonl`, written by cookbook.runner) or a sweep's
+A *job directory* is a run directory (`status.json`, `metrics.jsonl`, written by cookbook.runs.runner) or a sweep's
 job subdirectory (which also has Hydra's `.hydra/`). Given a job directory the report covers that one job; given
-a sweep directory it covers every job subdirectory. The sweep callback (cookbook.sweep) writes the same report
+a sweep directory it covers every job subdirectory. The sweep callback (cookbook.runs.sweep) writes the same report
 into the sweep directory as `summary.md`, so there is one code path.
 
 matplotlib is imported only when plotting, so importing this module stays cheap.
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from cookbook.rundir import atomic_write_text, read_jsonl, read_status
+from cookbook.runs.rundir import atomic_write_text, read_jsonl, read_status
 
 # Statuses written by runner.py (`ok`, `failed`, `cancelled`, `running` while in progress) and two the report
 # derives itself: `dry_run` (a dry-run sweep job: plan.json, no status.json) and `missing` (a Hydra job dir without

@@ -13,7 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from cookbook.compose import CONFIG_PATH, register_resolvers
+from cookbook.config.compose import CONFIG_PATH, register_resolvers
 from cookbook.config import register_configs
 from cookbook.errors import InfraError, UserError
 
@@ -26,12 +26,12 @@ def main() -> None:
     register_configs()
     register_resolvers()
     try:
-        from cookbook.preflight import preflight
+        from cookbook.config.preflight import preflight
 
         preflight(sys.argv[1:])
     except UserError as exc:
         _exit_user_error(exc)
-    from cookbook import sweep
+    from cookbook.runs import sweep
 
     try:
         _hydra_main()
@@ -51,7 +51,7 @@ def _hydra_main(cfg: DictConfig) -> dict | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from cookbook.runner import run_job
+    from cookbook.runs.runner import run_job
 
     hydra_cfg = HydraConfig.get()
     try:
@@ -68,7 +68,7 @@ def _exit_user_error(exc: UserError) -> None:
 
 def _exit_with_message(exc: Exception, code: int) -> None:
     """One readable paragraph, no traceback: the message names what failed and the fix."""
-    from cookbook.rundir import redact
+    from cookbook.runs.rundir import redact
 
     print(f"error: {redact(str(exc))}", file=sys.stderr)
     sys.exit(code)

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 from cookbook.config import RunConfig
 from cookbook.errors import UserError
-from cookbook.session import Session, build_session
+from cookbook.client.session import Session, build_session
 
 DEFAULT_BASE_URL = "https://api.fireworks.ai"
 

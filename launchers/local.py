@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from cookbook.config import RunConfig
-from cookbook.session import Session, build_session
+from cookbook.client.session import Session, build_session
 
 LOCAL_POLL_INTERVAL_S = 0.2
 
@@ -36,7 +36,7 @@ def launch(cfg: RunConfig, *, needs_reference: bool, needs_deployment: bool,
 def _platform_session(cfg: RunConfig, *, needs_reference: bool, needs_deployment: bool,
                       log: Callable[[str], None]) -> Iterator[Session]:
     from cookbook.local.platform import LocalPlatform
-    from cookbook.local.platform_root import storage_root
+    from cookbook.runs.rundir import storage_root
 
     root = Path(cfg.log_path or "runs/local") / "platform"  # this run's platform logs
     with contextlib.ExitStack() as stack:

@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 def bench_hf_generate(model_name: str, batch: int, prompt_len: int, new_tokens: int, repeats: int) -> float:
     import torch
 
-    from cookbook.local.models import load_model
+    from cookbook.models import load_model
     model = load_model(model_name)
     ids = torch.randint(0, 250, (batch, prompt_len))
     mask = torch.ones_like(ids)
@@ -78,7 +78,7 @@ def bench_deployment(sampler, batch: int, prompt_len: int, new_tokens: int, repe
 def bench_raw_safetensors(model_name: str, repeats: int) -> float:
     from safetensors.torch import load_file, save_file
 
-    from cookbook.local.models import load_model
+    from cookbook.models import load_model
     from cookbook.local.snapshots import canonical_state
     state = {k: v.contiguous() for k, v in canonical_state(load_model(model_name)).items()}
     times = []
@@ -113,7 +113,7 @@ def main() -> None:
 
     from cookbook.config import DeployConfig, InfraConfig, RunConfig, SFTConfig
     from cookbook.local.platform import LocalPlatform
-    from cookbook.session import build_session
+    from cookbook.client.session import build_session
 
     cfg = RunConfig(infra=InfraConfig(training_shape_id=f"accounts/local/trainingShapes/{args.model}",
                                       trainer_timeout_s=300), deploy=DeployConfig(deployment_id="bench"),

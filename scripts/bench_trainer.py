@@ -29,7 +29,7 @@ from tinker import types  # noqa: E402
 
 from fireworks.training.sdk import FiretitanServiceClient  # noqa: E402
 
-from cookbook.local import models  # noqa: E402
+from cookbook import models  # noqa: E402
 from trainer_harness import start_trainer  # noqa: E402
 
 BATCH, LENGTH = 8, 256

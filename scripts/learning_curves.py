@@ -106,7 +106,7 @@ def init_dir(out: Path, seed: int) -> Path:
     """local-tiny's architecture initialized with `seed`, as a model directory (written once)."""
     path = out / "init" / f"{BASE_MODEL}-seed{seed}"
     if not (path / "config.json").exists():
-        code = ("import sys; from cookbook.local.models import load_model, build_tokenizer, save_model_dir\n"
+        code = ("import sys; from cookbook.models import load_model, build_tokenizer, save_model_dir\n"
                 f"save_model_dir(load_model({BASE_MODEL!r}, seed={seed}), build_tokenizer(), sys.argv[1])\n")
         subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, env=env(), check=True,
                        capture_output=True, timeout=300)
@@ -155,7 +155,7 @@ def verdict(run: Run) -> list[str]:
 
 def build_warmstart() -> float:
     """Build (or find) GRPO's default warm start before its runs start in parallel; seconds taken (0: cached)."""
-    probe = ("import time; from cookbook.warmstart import warmstart_dir, ensure_warmstart\n"
+    probe = ("import time; from cookbook.runs.warmstart import warmstart_dir, ensure_warmstart\n"
              f"cached = (warmstart_dir({BASE_MODEL!r}, 'arith') / 'config.json').exists()\n"
              f"t = time.perf_counter(); ensure_warmstart({BASE_MODEL!r}, 'arith')\n"
              "print(0.0 if cached else time.perf_counter() - t)\n")

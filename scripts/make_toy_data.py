@@ -1,4 +1,4 @@
-"""Write the bundled toy datasets (`cookbook/data/*.jsonl`) and the bad-input corpus (`tests/data/bad/`).
+"""Write the bundled toy datasets (`cookbook/datasets/bundled/*.jsonl`) and the bad-input corpus (`tests/data/bad/`).
 
     python scripts/make_toy_data.py            # deterministic: same seed → byte-identical files
 
@@ -32,7 +32,7 @@ import random
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "cookbook" / "data"
+DATA = ROOT / "cookbook" / "datasets" / "bundled"
 BAD = ROOT / "tests" / "data" / "bad"
 MAX_OPERAND = 99
 EVAL_PROBLEMS = VAL_PROBLEMS = 1000

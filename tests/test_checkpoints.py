@@ -14,9 +14,9 @@ import pytest
 
 from conftest import run_cli
 from cookbook.checkpoints import INDEX, Checkpointer, describe, read_index
-from cookbook.compose import compose_run_config
+from cookbook.config.compose import compose_run_config
 from cookbook.errors import UserError
-from cookbook.rundir import append_jsonl, read_jsonl
+from cookbook.runs.rundir import append_jsonl, read_jsonl
 
 CURSOR = {"position": 16, "num_rows": 2000, "epochs": 16, "shuffle": True, "seed": 0}
 

@@ -14,9 +14,9 @@ import httpx
 import pytest
 import tinker
 
-from cookbook.client import ReconnectableClient
+from cookbook.client.trainer import ReconnectableClient
 from cookbook.local.platform import LocalPlatform
-from cookbook.session import build_session
+from cookbook.client.session import build_session
 from tests.platform_harness import MODEL, REF_SHAPE, datum, max_abs_diff, run_config, trainer_completion_logprobs
 
 DEP = "client-path"
@@ -158,7 +158,7 @@ def test_delta_equals_base_and_a_failed_hot_load_raises(env):
 
 
 def test_promote_base_snapshot(env):
-    from cookbook.local.models import load_model
+    from cookbook.models import load_model
 
     rows = [r for r in env["tm"].list_checkpoints(env["job"]) if r["promotable"]]
     model = env["tm"].promote_checkpoint(name=rows[-1]["name"], output_model_id="promoted-test", base_model=MODEL)

@@ -7,7 +7,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from cookbook import DeployConfig, InfraConfig, WandBConfig, WeightSyncConfig
-from cookbook.compose import CONF_DIR, compose_run_config, group_options
+from cookbook.config.compose import CONF_DIR, compose_run_config, group_options
 from cookbook.config import RECIPES, DPOConfig, GRPOConfig, ORPOConfig, RunConfig, SFTConfig
 from cookbook.errors import UserError
 

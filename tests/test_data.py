@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cookbook.cursor import DataCursor
-from cookbook.data import (
+from cookbook.datasets.cursor import DataCursor
+from cookbook.datasets.load import (
     align_to_targets,
     datum_stats,
     datum_tokens,
@@ -22,9 +22,9 @@ from cookbook.data import (
     stop_token_ids,
 )
 from cookbook.errors import DataError, UserError
-from cookbook.local.models import build_tokenizer
-from cookbook.preferences import SkipRow, normalize_preference_row, render_pair
-from cookbook.rewards import exact_match, load_reward_fn
+from cookbook.models import build_tokenizer
+from cookbook.datasets.preferences import SkipRow, normalize_preference_row, render_pair
+from cookbook.recipes.rewards import exact_match, load_reward_fn
 from conftest import prompt_and_answers
 
 BAD = Path(__file__).parent / "data" / "bad"
@@ -155,8 +155,8 @@ def test_resolve_dataset(tmp_path):
         resolve_dataset(str(tmp_path / "missing.jsonl"))
 
 
-# Bundled toy data: each family's splits, read here with plain json (not through cookbook.data).
-DATA = Path(__file__).resolve().parents[1] / "cookbook" / "data"
+# Bundled toy data: each family's splits, read here with plain json (not through cookbook.datasets.load).
+DATA = Path(__file__).resolve().parents[1] / "cookbook" / "datasets" / "bundled"
 FAMILIES = {"sft_arith": "sft", "grpo_arith": "grpo", "pref": "preference"}
 SPLITS = ("train", "val", "eval")
 
@@ -174,7 +174,7 @@ def test_bundled_files_are_the_generator_output(tmp_path, monkeypatch):
     """`scripts/make_toy_data.py` is deterministic and the shipped files are exactly what it writes."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("make_toy_data", DATA.parents[1] / "scripts" / "make_toy_data.py")
+    spec = importlib.util.spec_from_file_location("make_toy_data", DATA.parents[2] / "scripts" / "make_toy_data.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     monkeypatch.setattr(gen, "DATA", tmp_path)
@@ -217,7 +217,7 @@ def test_eval_sets_are_disjoint_from_the_warm_start_data():
     """Every recipe's default eval set is disjoint from its training set and from the data GRPO's warm start
     (`warmstart:arith`) is trained on."""
     from cookbook.config import RECIPES
-    from cookbook.warmstart import WARMSTART_TASKS
+    from cookbook.runs.warmstart import WARMSTART_TASKS
 
     settings = dict(o.split("=", 1) for o in WARMSTART_TASKS["arith"])
     assert settings["recipe.eval_dataset"] == "null"  # the warm start reads no held-out rows either
@@ -380,10 +380,10 @@ def test_exact_match():
 
 
 def test_load_reward_fn():
-    assert load_reward_fn("cookbook.rewards:exact_match") is exact_match
+    assert load_reward_fn("cookbook.recipes.rewards:exact_match") is exact_match
     for spec, words in [("nocolon", "import path"), ("no_such_mod_xyz:f", "cannot import"),
-                        ("cookbook.rewards:nope", "no attribute"), ("cookbook.rewards:END_OF_TURN", "not a function"),
-                        ("cookbook.rewards:load_reward_fn", "two arguments")]:
+                        ("cookbook.recipes.rewards:nope", "no attribute"), ("cookbook.recipes.rewards:END_OF_TURN", "not a function"),
+                        ("cookbook.recipes.rewards:load_reward_fn", "two arguments")]:
         with pytest.raises(UserError, match="recipe.reward_fn") as e:
             load_reward_fn(spec)
         assert words in str(e.value)

@@ -11,7 +11,7 @@ import json
 import torch
 
 from conftest import REPO, prompt_and_answers, run_cli
-from cookbook.rundir import read_jsonl
+from cookbook.runs.rundir import read_jsonl
 from cookbook import report
 
 ROWS = 40
@@ -20,7 +20,7 @@ ROWS = 40
 def eval_pairs(n: int) -> list[tuple[str, str, str]]:
     """(prompt, chosen answer, rejected answer) of the first bundled held-out pairs, read with plain json."""
     out = []
-    for line in (REPO / "cookbook" / "data" / "pref_eval.jsonl").read_text().splitlines()[:n]:
+    for line in (REPO / "cookbook" / "datasets" / "bundled" / "pref_eval.jsonl").read_text().splitlines()[:n]:
         prompt, answers = prompt_and_answers(json.loads(line))
         out.append((prompt, answers[0], answers[-1]))  # the best and the worst
     return out
@@ -28,7 +28,7 @@ def eval_pairs(n: int) -> list[tuple[str, str, str]]:
 
 def base_model_preferences(pairs) -> tuple[float, float]:
     """(accuracy, mean margin) of local-tiny's own mean per-token logprob of the answer + end-of-turn token."""
-    from cookbook.local.models import build_tokenizer, load_model
+    from cookbook.models import build_tokenizer, load_model
 
     tok, model = build_tokenizer(), load_model("local-tiny", seed=0)
 

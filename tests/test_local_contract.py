@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from cookbook.local.platform import LocalPlatform, find_pids
-from cookbook.local.platform_root import storage_root
+from cookbook.runs.rundir import storage_root
 
 MODEL = "local-micro"
 SHAPE = f"accounts/local/trainingShapes/{MODEL}"
@@ -199,7 +199,7 @@ def test_completions_reject_integer_stops_and_unknown_fields(env):
 
 
 def test_stop_strings_end_generation_and_cut_the_text(env):
-    from cookbook.local.models import build_tokenizer
+    from cookbook.models import build_tokenizer
 
     tok = build_tokenizer()
     # Greedy local-micro mostly repeats one token; from this prompt it switches once (GGGGGGGG then quotes).
@@ -221,7 +221,7 @@ def test_stop_strings_end_generation_and_cut_the_text(env):
 def test_concurrent_streaming_requests_are_batched(env):
     from fireworks.training.sdk import DeploymentSampler, FixedConcurrencyController
 
-    from cookbook.local.models import build_tokenizer
+    from cookbook.models import build_tokenizer
 
     sampler = DeploymentSampler(inference_url=env.url, model=env.model, api_key=env.key, tokenizer=build_tokenizer(),
                                 concurrency_controller=FixedConcurrencyController(16))
@@ -243,7 +243,7 @@ def test_concurrent_streaming_requests_are_batched(env):
 
 
 def test_model_directory_base_models_are_accepted(env, tmp_path):
-    from cookbook.local.models import build_tokenizer, load_model, save_model_dir
+    from cookbook.models import build_tokenizer, load_model, save_model_dir
 
     model_dir = save_model_dir(load_model(MODEL), build_tokenizer(), tmp_path / "warm-start")
     job = _uid("dir-base")

@@ -138,7 +138,7 @@ def _trainer_logprobs(client, prompt: list[int], completion: list[int]) -> list[
 def _sample(served, deploy_mgr, dep_id: str, prompt: list[int], n: int, **kwargs):
     from fireworks.training.sdk import DeploymentSampler
 
-    from cookbook.local.models import build_tokenizer
+    from cookbook.models import build_tokenizer
 
     sampler = DeploymentSampler(inference_url=deploy_mgr.inference_url, api_key=served.api_key,
                                 model=f"accounts/{deploy_mgr.account_id}/deployments/{dep_id}",
@@ -153,7 +153,7 @@ def test_sdk_lifecycle_as_the_readme_shows(served, sdk):
     from fireworks.training.sdk import DeploymentConfig, FiretitanServiceClient, TrainerJobConfig, WeightSyncer
     from tinker import types
 
-    from cookbook.local.models import build_tokenizer
+    from cookbook.models import build_tokenizer
 
     trainer_mgr, deploy_mgr = sdk
     assert trainer_mgr.account_id == "local"
@@ -235,7 +235,7 @@ def test_catalog_shape_resolves_and_runs_the_aliased_model(served, sdk):
     import torch
     from fireworks.training.sdk import DeploymentConfig, FiretitanServiceClient, TrainerJobConfig
 
-    from cookbook.local.models import build_tokenizer, load_model
+    from cookbook.models import build_tokenizer, load_model
 
     trainer_mgr, deploy_mgr = sdk
     profile = trainer_mgr.resolve_training_profile(FW_SHAPE)

@@ -16,7 +16,7 @@ import pytest
 import tinker
 import torch
 
-from cookbook.losses import (
+from cookbook.recipes.losses import (
     dpo_loss_fn,
     group_advantages,
     grpo_loss_fn,

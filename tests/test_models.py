@@ -3,7 +3,7 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from cookbook.local import models
+from cookbook import models
 
 
 def _same_weights(a, b) -> bool:

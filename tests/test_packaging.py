@@ -56,8 +56,8 @@ def test_wheel_contains_configs_data_and_launchers(installed):
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in ("cookbook/conf/config.yaml", "cookbook/conf/infra/local-tiny.yaml",
                      "cookbook/conf/recipe/grpo.yaml", "cookbook/conf/hydra/launcher/local_parallel.yaml",
-                     "cookbook/conf/sweep/local_lr.yaml", "cookbook/data/sft_arith_train.jsonl",
-                     "cookbook/data/pref_eval.jsonl", "launchers/__init__.py", "launchers/local.py",
+                     "cookbook/conf/sweep/local_lr.yaml", "cookbook/datasets/bundled/sft_arith_train.jsonl",
+                     "cookbook/datasets/bundled/pref_eval.jsonl", "launchers/__init__.py", "launchers/local.py",
                      "launchers/fireworks.py", "cookbook/local/trainer/__init__.py"):
         assert required in names, f"{required} missing from {wheel.name}"
     assert not any(n.startswith(("tests/", "conf/")) for n in names)  # configs only under cookbook/conf
@@ -65,12 +65,12 @@ def test_wheel_contains_configs_data_and_launchers(installed):
 
 def test_installed_package_is_the_one_imported_and_finds_its_configs(installed):
     _, target, outside = installed
-    probe = ("import cookbook, launchers, launchers.local, cookbook.compose as c\n"
+    probe = ("import cookbook, launchers, launchers.local, cookbook.config.compose as c\n"
              "from importlib import resources\n"
              "print(cookbook.__file__); print(launchers.__file__); print(c.CONFIG_PATH)\n"
-             "data = resources.files('cookbook').joinpath('data')\n"
+             "data = resources.files('cookbook.datasets').joinpath('bundled')\n"
              "print(sorted(p.name for p in data.iterdir() if p.name.endswith('.jsonl')))\n"
-             "from cookbook.data import resolve_dataset; print(resolve_dataset('bundled:sft_arith_train'))\n")
+             "from cookbook.datasets.load import resolve_dataset; print(resolve_dataset('bundled:sft_arith_train'))\n")
     result = run_installed(target, outside, "-c", probe)
     assert result.returncode == 0, result.stderr
     cookbook_file, launchers_file, config_path, data, bundled = result.stdout.splitlines()[:5]

@@ -75,7 +75,7 @@ def max_abs_diff(a: dict, b: dict) -> float:
 def per_step(log_path: Path) -> dict[int, dict]:
     """The last logged record of every step (a resumed attempt re-logs the steps the killed one did after its
     last checkpoint)."""
-    from cookbook.rundir import read_jsonl
+    from cookbook.runs.rundir import read_jsonl
 
     return {r["step"]: r for r in read_jsonl(log_path / "metrics.jsonl") if "step" in r}
 
@@ -335,8 +335,8 @@ def test_promoted_model_loads_generates_and_matches_the_trainer(sft_reference, t
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cookbook.cursor import DataCursor
-    from cookbook.data import load_dataset
+    from cookbook.datasets.cursor import DataCursor
+    from cookbook.datasets.load import load_dataset
 
     n = STEPS["sft"]
     status = json.loads((sft_reference / "status.json").read_text())

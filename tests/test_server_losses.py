@@ -22,7 +22,8 @@ from tinker import types
 
 from fireworks.training.sdk import FiretitanServiceClient
 
-from cookbook.local import models, snapshots
+from cookbook import models
+from cookbook.local import snapshots
 from trainer_harness import start_trainer
 
 BASE = "local-micro"

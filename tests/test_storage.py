@@ -45,7 +45,7 @@ def storage_cli(root: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def index_lines(log_path: Path) -> list[dict]:
-    from cookbook.rundir import read_jsonl
+    from cookbook.runs.rundir import read_jsonl
 
     return read_jsonl(log_path / "checkpoints.jsonl")
 
@@ -94,7 +94,7 @@ class DeletingPolicy(StubPolicy):
 
 def checkpointer(log_path: Path, policy, keep: int):
     from cookbook.checkpoints import Checkpointer
-    from cookbook.compose import compose_run_config
+    from cookbook.config.compose import compose_run_config
 
     run = compose_run_config(["+recipe=sft", f"log_path={log_path}", "weight_sync.dcp_save_interval=2",
                               f"weight_sync.dcp_keep_last={keep}"])
@@ -218,7 +218,7 @@ def test_delete_route_deletes_only_this_jobs_checkpoints(trainer, legacy):
     import httpx
     from fireworks.training.sdk.trainer import TrainerServiceEndpoint
 
-    from cookbook.client import ReconnectableClient
+    from cookbook.client.trainer import ReconnectableClient
 
     # Started on a store with a crashed save's temp dirs: the trainer removed them (it is the store's only writer).
     assert names(trainer.store / "checkpoints") == set() and names(trainer.store / "sampler") == set()

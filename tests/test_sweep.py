@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import run_cli
-from cookbook import sweep
-from cookbook.compose import CONF_DIR, compose
-from cookbook.preflight import expand_sweep
+from cookbook.runs import sweep
+from cookbook.config.compose import CONF_DIR, compose
+from cookbook.config.preflight import expand_sweep
 
 TINY_SFT = ["+recipe=sft", "max_steps=2", "recipe.batch_size=4", "recipe.eval_dataset=null"]
 MISSING_DATA = "/nonexistent.jsonl"  # valid config (preflight passes); the recipe fails when it loads the data

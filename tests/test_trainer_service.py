@@ -18,7 +18,8 @@ from transformers import AutoModelForCausalLM
 
 from fireworks.training.sdk import FiretitanServiceClient
 
-from cookbook.local import models, snapshots
+from cookbook import models
+from cookbook.local import snapshots
 from trainer_harness import start_trainer
 
 BASE = "local-micro"

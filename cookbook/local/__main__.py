@@ -36,7 +36,7 @@ from pathlib import Path
 def serve(args: argparse.Namespace) -> int:
     from cookbook.local import catalog as catalog_mod
     from cookbook.local.platform import CATALOG_ENV, LocalPlatform
-    from cookbook.local.platform_root import storage_root
+    from cookbook.runs.rundir import storage_root
 
     catalog_file = args.catalog or os.environ.get(CATALOG_ENV) or None
     try:  # read it here too: a bad file fails before anything starts, with the file and entry named
@@ -80,7 +80,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def storage(args: argparse.Namespace) -> int:
     from cookbook.local import storage as st
-    from cookbook.local.platform_root import storage_root
+    from cookbook.runs.rundir import storage_root
 
     root = Path(args.storage).expanduser().resolve() if args.storage else storage_root()
     if args.yes and not args.prune:

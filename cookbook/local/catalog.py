@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cookbook.local.models import EMBEDDED_MODELS
+from cookbook.models import EMBEDDED_MODELS
 
 LOCAL_ACCOUNT = "local"
 TRAINER_MODES = ("FULL_PARAMETER_TRAINER", "LORA_TRAINER", "FORWARD_ONLY")

@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cookbook.faults import crash_point
+from cookbook.runs.faults import crash_point
 from cookbook.local.procs import SNAPSHOT_ROOT_HEADER, KeyAuthMiddleware, serve
 from cookbook.local.sampling import Batcher, Engine, SeqRequest
 
@@ -145,7 +145,7 @@ class HotLoader:
     def reset(self) -> None:
         """Back to the base model's weights and no snapshot, like a freshly rolled replica (the control plane calls
         this when the deployment is re-attached to another trainer: on Fireworks that PATCH rolls the pods)."""
-        from cookbook.local.models import load_model
+        from cookbook.models import load_model
         from cookbook.local.snapshots import canonical_state, load_state_into
 
         with self._lock:
@@ -424,7 +424,7 @@ def main(argv: list[str] | None = None) -> None:
     start_parent_watchdog(args.parent_pid)  # also while the model loads, before serve() starts
     import torch
 
-    from cookbook.local.models import load_model, load_tokenizer, register_alias
+    from cookbook.models import load_model, load_tokenizer, register_alias
     if args.model_source:
         register_alias(args.base_model, args.model_source)
     if args.threads:

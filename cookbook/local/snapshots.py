@@ -84,7 +84,7 @@ def _write_manifest(directory: Path, manifest: dict[str, Any]) -> None:
 
 
 def write_base(directory, model, tokenizer, identity: str, extra: dict | None = None) -> Path:
-    from cookbook.local.models import save_model_dir
+    from cookbook.models import save_model_dir
 
     final = Path(directory)
     tmp = _atomic_dir(final)

@@ -36,7 +36,7 @@ STORE_PARTS = ("checkpoints", "sampler")  # what a trainer writes into its store
 # --------------------------------------------------------------------------------------------------- the registry
 def record_run(storage: Path, log_path: str | os.PathLike, job_ids: Iterable[Optional[str]]) -> None:
     """Append this run's trainer jobs to the registry (one fsynced line: a crash leaves it whole or absent)."""
-    from cookbook.rundir import append_jsonl
+    from cookbook.runs.rundir import append_jsonl
 
     storage.mkdir(parents=True, exist_ok=True)
     append_jsonl(storage / REGISTRY, {"log_path": str(Path(log_path).resolve()), "job_ids": [j for j in job_ids if j],
@@ -44,7 +44,7 @@ def record_run(storage: Path, log_path: str | os.PathLike, job_ids: Iterable[Opt
 
 
 def read_registry(storage: Path) -> list[dict[str, Any]]:
-    from cookbook.rundir import read_jsonl
+    from cookbook.runs.rundir import read_jsonl
 
     return [r for r in read_jsonl(storage / REGISTRY) if isinstance(r.get("job_ids"), list) and r.get("log_path")]
 

@@ -13,10 +13,10 @@ from typing import Any
 from tqdm import tqdm
 
 from cookbook.config import DPOConfig, RunConfig
-from cookbook.cursor import DataCursor
-from cookbook.data import load_dataset
-from cookbook.losses import dpo_loss_fn
-from cookbook.metrics import MetricsLogger
+from cookbook.datasets.cursor import DataCursor
+from cookbook.datasets.load import load_dataset
+from cookbook.recipes.losses import dpo_loss_fn
+from cookbook.runs.metrics import MetricsLogger
 from cookbook.recipes.evals import preference_eval, sequence_logprobs
 from cookbook.recipes.loop import TrainingLoop
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from cookbook.data import load_rows, render_prompt, resolve_dataset, stop_token_ids, strip_trailing_assistant
+from cookbook.datasets.load import load_rows, render_prompt, resolve_dataset, stop_token_ids, strip_trailing_assistant
 
 
 def _target(row: dict[str, Any]) -> str:
@@ -23,7 +23,7 @@ def exact_match_eval(session: Any, spec: str, kind: str, max_rows: int, max_toke
     the row's ground_truth or last assistant message, stripped. With `reward_fn` and `reward_samples` > 0, also
     `eval/reward`: the mean reward of that many completions per prompt sampled as in training (temperature, top_p),
     i.e. what the policy earns on prompts it never trained on."""
-    from cookbook.rewards import exact_match
+    from cookbook.recipes.rewards import exact_match
 
     rows = load_rows(resolve_dataset(spec), kind)[:max_rows]
     tokenizer = session.tokenizer
@@ -53,7 +53,7 @@ def exact_match_eval(session: Any, spec: str, kind: str, max_rows: int, max_toke
 
 def sequence_logprobs(client: Any, pairs: list[tuple[Any, Any]], batch_pairs: int = 64) -> list[tuple[float, float]]:
     """Per pair (Σ chosen, Σ rejected) response-token logprobs from `forward` (never accumulates gradients)."""
-    from cookbook.losses import sequence_logprob
+    from cookbook.recipes.losses import sequence_logprob
 
     out: list[tuple[float, float]] = []
     for start in range(0, len(pairs), batch_pairs):

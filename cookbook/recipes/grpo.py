@@ -20,13 +20,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from cookbook.config import GRPOConfig, RunConfig
-from cookbook.cursor import DataCursor
-from cookbook.data import align_to_targets, load_dataset, policy_datum, stop_token_ids
-from cookbook.losses import grpo_loss_fn, group_advantages
-from cookbook.metrics import MetricsLogger
+from cookbook.datasets.cursor import DataCursor
+from cookbook.datasets.load import align_to_targets, load_dataset, policy_datum, stop_token_ids
+from cookbook.recipes.losses import grpo_loss_fn, group_advantages
+from cookbook.runs.metrics import MetricsLogger
 from cookbook.recipes.evals import exact_match_eval
 from cookbook.recipes.loop import TrainingLoop
-from cookbook.rewards import load_reward_fn
+from cookbook.recipes.rewards import load_reward_fn
 
 MAX_REFILLS = 2  # extra sampling rounds per step to replace groups without signal
 

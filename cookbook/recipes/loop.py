@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from cookbook.checkpoints import Checkpointer, promote, read_index
 from cookbook.config import RunConfig
-from cookbook.cursor import Batch, DataCursor
-from cookbook.metrics import MetricsLogger
-from cookbook.rundir import read_jsonl
-from cookbook.weight_sync import should_sync
+from cookbook.datasets.cursor import Batch, DataCursor
+from cookbook.runs.metrics import MetricsLogger
+from cookbook.runs.rundir import read_jsonl
+from cookbook.client.weight_sync import should_sync
 
 Evaluate = Callable[["TrainingLoop"], dict[str, float]]
 

@@ -10,10 +10,10 @@ from typing import Any
 from tqdm import tqdm
 
 from cookbook.config import ORPOConfig, RunConfig
-from cookbook.cursor import DataCursor
-from cookbook.data import load_dataset
-from cookbook.losses import orpo_loss_fn
-from cookbook.metrics import MetricsLogger
+from cookbook.datasets.cursor import DataCursor
+from cookbook.datasets.load import load_dataset
+from cookbook.recipes.losses import orpo_loss_fn
+from cookbook.runs.metrics import MetricsLogger
 from cookbook.recipes.evals import preference_eval
 from cookbook.recipes.loop import TrainingLoop
 

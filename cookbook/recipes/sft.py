@@ -11,10 +11,10 @@ from typing import Any
 from tqdm import tqdm
 
 from cookbook.config import RunConfig, SFTConfig
-from cookbook.cursor import DataCursor
-from cookbook.data import load_dataset
-from cookbook.losses import scale_weights_for_builtin_ce
-from cookbook.metrics import MetricsLogger
+from cookbook.datasets.cursor import DataCursor
+from cookbook.datasets.load import load_dataset
+from cookbook.recipes.losses import scale_weights_for_builtin_ce
+from cookbook.runs.metrics import MetricsLogger
 from cookbook.recipes.evals import exact_match_eval
 from cookbook.recipes.loop import TrainingLoop
 

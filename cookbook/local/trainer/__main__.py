@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    from cookbook.local import models
+    from cookbook import models
 
     if args.model_source:
         models.register_alias(args.base_model, args.model_source)

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cookbook.local import models
+from cookbook import models
 from cookbook.local.storage import remove_temp_leftovers
 from cookbook.local.trainer.checkpoints import Store, check_name, weights_info
 from cookbook.local.trainer.engine import TrainModel

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from cookbook.faults import crash_point, should_fail
+from cookbook.runs.faults import crash_point, should_fail
 from cookbook.local import snapshots
 from cookbook.local.trainer.engine import TrainModel
 from cookbook.local.trainer.losses import UserRequestError

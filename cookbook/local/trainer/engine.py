@@ -18,8 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cookbook.faults import crash_point
-from cookbook.local import models
+from cookbook.runs.faults import crash_point
+from cookbook import models
 from cookbook.local.trainer.losses import (Datum, UserRequestError, check_loss, count_loss_tokens, datum_loss,
                                            parse_datums)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from cookbook.config import WandBConfig
 from cookbook.errors import UserError
-from cookbook.rundir import append_jsonl
+from cookbook.runs.rundir import append_jsonl
 
 
 def wandb_mode(cfg: WandBConfig) -> str:

@@ -68,7 +68,7 @@ def record_job_end(job_return: Any) -> None:
     job_dir = Path(hydra_cfg.runtime.output_dir)
     value = job_return._return_value  # the `return_value` property re-raises a failed job's exception
     if job_return.status == JobStatus.FAILED:
-        from cookbook.rundir import read_status, redact, write_status
+        from cookbook.runs.rundir import read_status, redact, write_status
 
         (job_dir / "plan.json").unlink(missing_ok=True)  # a stale plan from an earlier dry run would hide this
         previous = read_status(job_dir) or {}
@@ -77,7 +77,7 @@ def record_job_end(job_return: Any) -> None:
                                    "error": redact(f"{type(value).__name__}: {value}"),
                                    "overrides": list(job_return.overrides or [])})
     elif isinstance(value, dict) and value.get("status") == "dry_run":
-        from cookbook.rundir import atomic_write_text
+        from cookbook.runs.rundir import atomic_write_text
 
         atomic_write_text(job_dir / "plan.json", json.dumps(value, indent=2, default=str) + "\n")
 

@@ -13,13 +13,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cookbook.compose import recipe_name, to_run_config
+from cookbook.config.compose import recipe_name, to_run_config
 from cookbook.config import RunConfig
 from cookbook.errors import InfraError
 from launchers import get_launcher
-from cookbook.metrics import MetricsLogger
-from cookbook.preflight import check_credentials
-from cookbook.rundir import prepare_run_dir, read_status, redact, write_status
+from cookbook.runs.metrics import MetricsLogger
+from cookbook.config.preflight import check_credentials
+from cookbook.runs.rundir import prepare_run_dir, read_status, redact, write_status
 
 
 def run_job(cfg: DictConfig, hydra_cfg: Any) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def run_job(cfg: DictConfig, hydra_cfg: Any) -> dict[str, Any]:
 
 
 def execute(run: RunConfig, recipe: str, logger: MetricsLogger) -> dict[str, Any]:
-    from cookbook.warmstart import plan_init
+    from cookbook.runs.warmstart import plan_init
 
     # The SDK and tinker log at INFO on import and on every hot load; the run prints its own progress.
     for name in ("fireworks", "tinker"):
@@ -111,13 +111,13 @@ def platform_failure(run: RunConfig, problem: str, logs_dir: str | None) -> str:
 
 
 def check_inputs(run: RunConfig) -> None:
-    from cookbook.data import load_rows, resolve_dataset
+    from cookbook.datasets.load import load_rows, resolve_dataset
 
     cfg = run.recipe
     for spec in filter(None, (cfg.dataset, cfg.eval_dataset)):
         load_rows(resolve_dataset(spec), cfg.DATA_KIND)
     if hasattr(cfg, "reward_fn"):
-        from cookbook.rewards import load_reward_fn
+        from cookbook.recipes.rewards import load_reward_fn
 
         load_reward_fn(cfg.reward_fn)
 
@@ -131,7 +131,7 @@ def _final(last: dict[str, Any], result: Any) -> dict[str, Any]:
 
 def plan(run: RunConfig, recipe: str, infra: str) -> dict[str, Any]:
     """What a run would create, computed from the config alone (no credentials, nothing started)."""
-    from cookbook.naming import deployment_id_for
+    from cookbook.client.session import deployment_id_for
 
     separate_ref = run.recipe.needs_reference and run.infra.ref_training_shape_id and not run.recipe.lora_rank
 

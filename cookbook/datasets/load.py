@@ -1,14 +1,14 @@
-"""Datasets: strict JSONL reading and chat rendering into pre-shifted `tinker.Datum`s (the cursor: `cookbook.cursor`).
+"""Datasets: strict JSONL reading and chat rendering into pre-shifted `tinker.Datum`s (the cursor: `cookbook.datasets.cursor`).
 
 Row schemas (one JSON object per line; blank lines are skipped):
 
 - SFT: ``{"messages": [{"role", "content", optional "weight": 0|1 or "trainable": bool}, ...]}``
 - GRPO: ``{"messages": [...], "ground_truth": ...}`` (trailing assistant turns are stripped before sampling)
-- preference (DPO/ORPO): three schemas, see `cookbook.preferences`.
+- preference (DPO/ORPO): three schemas, see `cookbook.datasets.preferences`.
 
 Datums are pre-shifted: ``model_input = tokens[:-1]``, ``target_tokens = tokens[1:]``, ``weights = mask[1:]``.
 Weights stay raw 0/1 (1 = a token the loss trains on); how a loss is scaled (per token, per sequence, by the server
-or the client) is decided in one place, `cookbook.losses`, from the normalization mode.
+or the client) is decided in one place, `cookbook.recipes.losses`, from the normalization mode.
 
 Loss masks come from the tokenizer's chat template: ``{% generation %}`` tags give the assistant tokens (content and
 the closing end-of-turn token). Templates without them fall back to prefix-difference rendering.
@@ -27,7 +27,7 @@ from cookbook.errors import DataError
 ROLES = ("system", "user", "assistant", "tool")
 KINDS = ("sft", "grpo", "preference")
 TRAIN_ON = ("all_assistant_messages", "last_assistant_message")
-DATA_DIR = Path(__file__).resolve().parent / "data"
+DATA_DIR = Path(__file__).resolve().parent / "bundled"
 
 # Skip reasons (keys of `Dataset.skipped`).
 TOO_LONG = "too_long"
@@ -40,7 +40,7 @@ NOTHING_TO_TRAIN = "nothing_to_train"
 
 
 def resolve_dataset(spec: str) -> Path:
-    """`bundled:<name>` → the JSONL shipped in `cookbook/data/`; anything else is a path. Missing → DataError."""
+    """`bundled:<name>` → the JSONL shipped in `cookbook/datasets/bundled/`; anything else is a path. Missing → DataError."""
     if spec.startswith("bundled:"):
         name = spec[len("bundled:"):]
         path = DATA_DIR / f"{name}.jsonl"
@@ -128,7 +128,7 @@ def _load_rows(path: Path, kind: str) -> list[tuple[int, dict]]:
     for lineno, row in rows:
         where = _where(path, lineno)
         if kind == "preference":
-            from cookbook.preferences import normalize_preference_row, SkipRow
+            from cookbook.datasets.preferences import normalize_preference_row, SkipRow
             try:
                 normalize_preference_row(row, where)
             except SkipRow:
@@ -401,7 +401,7 @@ def load_dataset(spec: str | Path, kind: str, tokenizer, max_seq_len: Optional[i
                 else:
                     n_tok += len(item)
             else:
-                from cookbook.preferences import normalize_preference_row, render_pair_with_reason, SkipRow
+                from cookbook.datasets.preferences import normalize_preference_row, render_pair_with_reason, SkipRow
                 try:
                     chosen, rejected = normalize_preference_row(row, where)
                     item, reason = render_pair_with_reason(chosen, rejected, tokenizer, max_seq_len)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from cookbook.compose import compose, to_run_config
+from cookbook.config.compose import compose, to_run_config
 from cookbook.config import RunConfig
 from cookbook.errors import UserError
-from cookbook.metrics import check_wandb_credentials
+from cookbook.runs.metrics import check_wandb_credentials
 
 # Flags under which Hydra only prints something; those paths must stay fast and never fail on a missing recipe.
 _PASS_THROUGH = ("help", "hydra_help", "cfg", "info", "shell_completion", "experimental_rerun")

@@ -89,3 +89,13 @@ def read_status(log_path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def storage_root() -> Path:
+    """Where the embedded platform keeps trainer storage, one root per user like an account's storage on Fireworks:
+    every run's trainer jobs keep their checkpoints under `<root>/jobs/<job_id>/`, so a later run (a resume, a
+    `resume_from=<other_run>:<name>`, a GRPO warm start) can load any earlier job's checkpoint with a
+    `cross_job://<job>/<name>` path; cached warm starts live under `<root>/warmstart/`. Set COOKBOOK_PLATFORM_ROOT to
+    move it (tests point it at a temporary directory)."""
+    root = os.environ.get("COOKBOOK_PLATFORM_ROOT") or Path.home() / ".cache" / "cookbook" / "platform"
+    return Path(root).expanduser().resolve()

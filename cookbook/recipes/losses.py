@@ -44,7 +44,7 @@ Factories take ``raw_sum`` (= `RecipeConfig.raw_sum`) and, to pick the count, ``
 (= `RecipeConfig.normalization`). ``raw_sum=True`` without ``normalization`` means the loss's natural server mode:
 "num_loss_tokens" for SFT/GRPO, "num_sequences" for DPO/ORPO.
 
-Datum weights are the raw 0/1 masks written by `cookbook.data`; the scaling lives here, never in the data.
+Datum weights are the raw 0/1 masks written by `cookbook.datasets.load`; the scaling lives here, never in the data.
 """
 
 from __future__ import annotations

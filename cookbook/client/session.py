@@ -16,6 +16,7 @@ the `ExitStack` it is given: trainer jobs deleted, a deployment this run created
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -23,18 +24,23 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import httpx
 
-from cookbook.client import ReconnectableClient, call_with_deadline
+from cookbook.client.trainer import ReconnectableClient, call_with_deadline
 from cookbook.config import RunConfig
 from cookbook.errors import InfraError, UserError
-from cookbook.naming import deployment_id_for
-from cookbook.sampler import Sampler
-from cookbook.weight_sync import WeightSyncer
+from cookbook.client.sampler import Sampler
+from cookbook.client.weight_sync import WeightSyncer
 
 if TYPE_CHECKING:
     from fireworks.training.sdk import DeploymentManager, TrainerJobManager, TrainingShapeProfile
 
 SAMPLING_CONCURRENCY = 128  # requests in flight per sampler: a GRPO step's rollouts (16 prompts x 8) at once
 BAD_DEPLOYMENT_STATES = ("FAILED", "DELETED", "DELETING")
+
+
+def deployment_id_for(base_model: str) -> str:
+    """Deployment id derived from the base model: the last path segment, lowercased, `[a-z0-9-]`, ≤ 63 chars."""
+    leaf = base_model.rstrip("/").rsplit("/", 1)[-1].lower()
+    return (re.sub(r"[^a-z0-9-]+", "-", leaf).strip("-") or "model")[:50] + "-cookbook"
 
 
 @dataclass
@@ -179,7 +185,7 @@ def build_session(cfg: RunConfig, base_url: str, api_key: str, *, needs_referenc
     from fireworks.training.sdk import (DeploymentManager, DeploymentSampler, FixedConcurrencyController,
                                         TrainerJobConfig, TrainerJobManager)
 
-    from cookbook.local.models import load_tokenizer
+    from cookbook.models import load_tokenizer
 
     infra, deploy, ws = cfg.infra, cfg.deploy, cfg.weight_sync
     if not infra.training_shape_id:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from cookbook.data import NOTHING_TO_TRAIN, _check, make_datum, render_messages, validate_messages
+from cookbook.datasets.load import NOTHING_TO_TRAIN, _check, make_datum, render_messages, validate_messages
 from cookbook.errors import DataError
 
 Side = Union[list, str]

@@ -260,7 +260,7 @@ class GRPOConfig(RecipeConfig):
     eps_clip_high: Optional[float] = None  # None = eps_clip
     tis_cap: float = 5.0  # cap on the train/inference importance weight
     # Reward function `(completion_text, row) -> float`, as an import path `module:function`.
-    reward_fn: str = "cookbook.rewards:exact_match"
+    reward_fn: str = "cookbook.recipes.rewards:exact_match"
     # Completions per held-out prompt sampled as in training for `eval/reward` (next to greedy `eval/exact_match`);
     # 0 = greedy only.
     eval_samples: int = 4
@@ -275,7 +275,7 @@ class GRPOConfig(RecipeConfig):
         _require(0 < self.top_p <= 1, "recipe.top_p", f"got {self.top_p}.", "use 0 < top_p <= 1.")
         _non_negative(self, "recipe", "kl_beta", "eps_clip", "eps_clip_high", "tis_cap", "eval_samples")
         _require(":" in self.reward_fn, "recipe.reward_fn", f"'{self.reward_fn}' is not an import path.",
-                 "write it as module:function, e.g. cookbook.rewards:exact_match.")
+                 "write it as module:function, e.g. cookbook.recipes.rewards:exact_match.")
 
     @property
     def needs_reference(self) -> bool:

@@ -9,7 +9,7 @@ Retention: once the deployment has loaded a new snapshot, the one it held before
 storage. Nothing can read it any more: the deployment applies the next delta to the weights it holds in memory
 (the delta names the snapshot it now holds, which is kept), and the trainer computes that delta against its own
 in-memory copy of its last export. Only snapshots this syncer saved are deleted — never the checkpointer's final,
-promotable snapshots — and a snapshot saved but never loaded stays. Deletion is best effort (`cookbook.retention`).
+promotable snapshots — and a snapshot saved but never loaded stays. Deletion is best effort (`cookbook.runs.retention`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from fireworks.training.sdk import weight_syncer as _sdk
 
 from cookbook.config import WeightSyncConfig
-from cookbook.retention import discard
+from cookbook.runs.retention import discard
 
 
 @dataclass

@@ -44,7 +44,7 @@ def plan_init(init_from: Optional[str], base_model: str) -> InitPlan:
     if not init_from:
         return InitPlan(base_model)
     if init_from.startswith("warmstart:"):
-        from cookbook.local.models import is_embedded
+        from cookbook.models import is_embedded
 
         task = init_from.split(":", 1)[1]
         if task not in WARMSTART_TASKS:
@@ -76,9 +76,9 @@ def warmstart_dir(base_model: str, task: str) -> Path:
     """Cache location; the name carries a digest of the build settings, so changing them builds a new one."""
     import hashlib
 
-    from cookbook.local.platform_root import storage_root
+    from cookbook.runs.rundir import storage_root
 
-    from cookbook.data import resolve_dataset
+    from cookbook.datasets.load import resolve_dataset
 
     settings = WARMSTART_TASKS[task]
     h = hashlib.sha1(" ".join([base_model, *settings]).encode())
@@ -106,7 +106,7 @@ def ensure_warmstart(base_model: str, task: str) -> Path:
     result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"building the warm start failed (exit {result.returncode}):\n{result.stdout[-3000:]}")
-    from cookbook.rundir import read_status
+    from cookbook.runs.rundir import read_status
 
     promoted = Path((read_status(work / "run") or {}).get("final_metrics", {}).get("promoted_model", ""))
     if not (promoted / "config.json").exists():

@@ -15,7 +15,7 @@ END_OF_TURN = "<|im_end|>"
 def exact_match(completion_text: str, row: dict) -> float:
     """1.0 iff the completion (cut at the first `<|im_end|>`, stripped) equals `str(row["ground_truth"])`."""
     if "ground_truth" not in row:
-        raise UserError("The reward function cookbook.rewards:exact_match needs a `ground_truth` field in every "
+        raise UserError("The reward function cookbook.recipes.rewards:exact_match needs a `ground_truth` field in every "
                         "dataset row. Fix: add \"ground_truth\" to the rows, or set recipe.reward_fn to a function "
                         "that scores your rows.")
     text = completion_text.split(END_OF_TURN, 1)[0].strip()
@@ -24,7 +24,7 @@ def exact_match(completion_text: str, row: dict) -> float:
 
 def load_reward_fn(spec: str) -> RewardFn:
     """Import `module:function` and check it is a callable taking (completion_text, row). Else UserError."""
-    fix = "Fix: set recipe.reward_fn to `module:function`, e.g. cookbook.rewards:exact_match."
+    fix = "Fix: set recipe.reward_fn to `module:function`, e.g. cookbook.recipes.rewards:exact_match."
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise UserError(f"Invalid value for `recipe.reward_fn`: '{spec}' is not an import path. {fix}")

@@ -19,7 +19,7 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from cookbook.config import RECIPES, RecipeConfig, RunConfig, register_configs
 from cookbook.errors import UserError
 
-_CHECKOUT_CONF = Path(__file__).resolve().parents[1] / "conf"
+_CHECKOUT_CONF = Path(__file__).resolve().parents[2] / "conf"
 # From a checkout or an editable install the top-level conf/ is used; a wheel ships it as cookbook/conf.
 CONF_DIR: Path | None = _CHECKOUT_CONF if (_CHECKOUT_CONF / "config.yaml").exists() else None
 CONFIG_PATH = str(CONF_DIR) if CONF_DIR else "pkg://cookbook.conf"
@@ -221,7 +221,7 @@ def _override_key(overrides: list[str], leaf: str) -> str | None:
 
 
 def _schema_fields(schema: str) -> list[str]:
-    import cookbook.config as config
+    import cookbook.config.schema as config
 
     cls = getattr(config, schema, None)
     return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
