@@ -8,24 +8,36 @@ from pathlib import Path
 import pytest
 
 from cookbook.datasets.cursor import DataCursor
-from cookbook.datasets.load import (
+from cookbook.datasets.load import load_dataset, load_rows
+from cookbook.datasets.preferences import SkipRow, normalize_preference_row, render_pair_with_reason
+from cookbook.datasets.render import (
     align_to_targets,
     datum_stats,
-    datum_tokens,
     datum_weights_list,
-    load_dataset,
-    load_rows,
     policy_datum,
     render_prompt,
-    render_sft,
-    resolve_dataset,
+    render_sft_with_reason,
     stop_token_ids,
 )
+from cookbook.datasets.rows import resolve_dataset
 from cookbook.errors import DataError, UserError
 from cookbook.models import build_tokenizer
-from cookbook.datasets.preferences import SkipRow, normalize_preference_row, render_pair
 from cookbook.recipes.rewards import exact_match, load_reward_fn
 from conftest import prompt_and_answers
+
+
+def datum_tokens(datum) -> list[int]:
+    """The full token sequence of a pre-shifted datum (model_input + the last target)."""
+    return datum.model_input.to_ints() + datum.loss_fn_inputs["target_tokens"].tolist()[-1:]
+
+
+def render_sft(row, tokenizer, max_seq_len, train_on_what="all_assistant_messages"):
+    return render_sft_with_reason(row, tokenizer, max_seq_len, train_on_what)[0]
+
+
+def render_pair(chosen, rejected, tokenizer, max_seq_len):
+    return render_pair_with_reason(chosen, rejected, tokenizer, max_seq_len)[0]
+
 
 BAD = Path(__file__).parent / "data" / "bad"
 
@@ -147,6 +159,11 @@ def test_empty_file():
         load_rows(BAD / "empty.jsonl", "sft")
 
 
+def test_unknown_kind_is_refused_before_the_file_is_read():
+    with pytest.raises(ValueError, match=r"kind must be one of \('sft', 'grpo', 'preference'\), got 'bogus'"):
+        load_rows(BAD / "empty.jsonl", "bogus")
+
+
 def test_resolve_dataset(tmp_path):
     assert resolve_dataset("bundled:sft_arith_train").name == "sft_arith_train.jsonl"
     with pytest.raises(DataError, match="bundled:sft_arith_train"):
@@ -155,7 +172,7 @@ def test_resolve_dataset(tmp_path):
         resolve_dataset(str(tmp_path / "missing.jsonl"))
 
 
-# Bundled toy data: each family's splits, read here with plain json (not through cookbook.datasets.load).
+# Bundled toy data: each family's splits, read here with plain json (not through the cookbook.datasets readers).
 DATA = Path(__file__).resolve().parents[1] / "cookbook" / "datasets" / "bundled"
 FAMILIES = {"sft_arith": "sft", "grpo_arith": "grpo", "pref": "preference"}
 SPLITS = ("train", "val", "eval")

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Union
 
-from cookbook.datasets.load import NOTHING_TO_TRAIN, _check, make_datum, render_messages, validate_messages
+from cookbook.datasets.render import NOTHING_TO_TRAIN, make_datum, render_messages, skip_reason
+from cookbook.datasets.rows import validate_messages
 from cookbook.errors import DataError
 
 Side = Union[list, str]
@@ -146,15 +147,10 @@ def render_pair_with_reason(chosen: Side, rejected: Side, tokenizer, max_seq_len
         k = _shared_prefix([(m["role"], m["content"]) for m in chosen], [(m["role"], m["content"]) for m in rejected])
         sides = tuple(render_messages(msgs, tokenizer, "all_assistant_messages", first_trainable_message=k)
                       for msgs in (chosen, rejected))
-    reasons = [_check(tokens, mask, max_seq_len) for tokens, mask in sides]
+    reasons = [skip_reason(tokens, mask, max_seq_len) for tokens, mask in sides]
     for reason in reasons:
         if reason and reason != NOTHING_TO_TRAIN:
             return None, reason
     if any(reasons):
         return None, NOTHING_TO_TRAIN
     return tuple(make_datum(tokens, mask) for tokens, mask in sides), None
-
-
-def render_pair(chosen: Side, rejected: Side, tokenizer, max_seq_len: Optional[int]):
-    """(chosen datum, rejected datum) whose weights mask only response tokens, or None if the pair is skipped."""
-    return render_pair_with_reason(chosen, rejected, tokenizer, max_seq_len)[0]
