@@ -8,6 +8,7 @@ from pathlib import Path
 import tinker
 
 from cookbook.config import DeployConfig, InfraConfig, RunConfig, SFTConfig
+from cookbook.local.procs import pid_alive
 
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -51,3 +52,18 @@ def trainer_completion_logprobs(client, prompt: list[int], completion: list[int]
 def max_abs_diff(a: list[float], b: list[float]) -> float:
     assert len(a) == len(b), (len(a), len(b))
     return max(abs(x - y) for x, y in zip(a, b))
+
+
+def find_pids(marker: str) -> list[int]:
+    """Live pids whose command line contains `marker` (scans /proc; no psutil)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline and pid_alive(int(entry)):
+            out.append(int(entry))
+    return out

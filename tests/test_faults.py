@@ -4,7 +4,7 @@ deployment dies mid rollout, a hot load fails on a damaged snapshot.
 Each time the driver must exit non-zero within 30 s of the fault with one paragraph naming what failed and where its
 log is, leave no process behind and record `failed` in status.json; rerunning the same command resumes from the last
 checkpoint and ends with the weights of an uninterrupted run. Faults are injected with the fault points of
-cookbook/faults.py (environment variables the driver passes on to the platform's processes).
+cookbook/runs/faults.py (environment variables the driver passes on to the platform's processes).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cookbook.local.platform import find_pids
+from tests.platform_harness import find_pids
 from conftest import REPO
 from test_resume import ENV, STORAGE, final_weights, max_abs_diff
 

@@ -12,7 +12,8 @@ import uuid
 import httpx
 import pytest
 
-from cookbook.local.platform import LocalPlatform, find_pids
+from cookbook.local.platform import LocalPlatform
+from tests.platform_harness import find_pids
 from cookbook.runs.rundir import storage_root
 
 MODEL = "local-micro"

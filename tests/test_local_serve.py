@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cookbook.local.platform import find_pids
+from tests.platform_harness import find_pids
 from tests.conftest import REPO
 
 MODEL = "local-micro"

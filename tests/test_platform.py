@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from cookbook.local.platform import find_pids
+from tests.platform_harness import find_pids
 from tests.conftest import REPO
 
 DRIVER = textwrap.dedent("""
@@ -26,7 +26,7 @@ DRIVER = textwrap.dedent("""
     # script run with `&`) inherits SIGINT *ignored*, and Python then installs no KeyboardInterrupt handler: the
     # driver would sleep through the signal (that was the flaky `[sigint]` case of issue #12).
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    from cookbook.local.platform import find_pids
+    from tests.platform_harness import find_pids
     from launchers.local import launch
     from tests.platform_harness import run_config
 

@@ -7,8 +7,8 @@ It holds its own copy of the weights (loaded from the base model at start, snaps
 bug shows up as different logprobs. A hot load reads `<snapshot-root>/<identity>/`; the control plane sends the
 root of the trainer job the deployment is attached to in the `x-cookbook-snapshot-root` header.
 
-The request contract follows the Fireworks completions and hot-load APIs as the official SDK uses them
-(wire-contract §3.5-3.6), including what they reject: unknown request fields answer 400
+The request contract follows the Fireworks completions and hot-load APIs as the official SDK uses them, including
+what they reject: unknown request fields answer 400
 `{"error": {"code": "invalid_request_error", "message": "Extra inputs are not permitted, field: '<name>'"}}`, stop
 sequences are text only, and fields the real API has but this server does not implement answer 400 saying so.
 """
@@ -32,9 +32,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cookbook.runs.faults import crash_point
 from cookbook.local.procs import SNAPSHOT_ROOT_HEADER, KeyAuthMiddleware, serve
 from cookbook.local.sampling import Batcher, Engine, SeqRequest
+from cookbook.runs.faults import crash_point
 
 INVALID_REQUEST = "invalid_request_error"
 # The SDK's `hotload_and_wait` polls the status every 5 s (hard-coded) and its first poll comes right after the POST.
@@ -145,8 +145,8 @@ class HotLoader:
     def reset(self) -> None:
         """Back to the base model's weights and no snapshot, like a freshly rolled replica (the control plane calls
         this when the deployment is re-attached to another trainer: on Fireworks that PATCH rolls the pods)."""
-        from cookbook.models import load_model
         from cookbook.local.snapshots import canonical_state, load_state_into
+        from cookbook.models import load_model
 
         with self._lock:
             fresh = canonical_state(load_model(self.base_model, seed=self.seed))

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from cookbook.local.procs import python_cmd, spawn, stop_group, wait_port_file
 
-
 KEY_PREFIX = "fw_local_"
 CATALOG_ENV = "COOKBOOK_PLATFORM_CATALOG"
 
@@ -49,10 +48,6 @@ class LocalPlatform:
     @property
     def jobs_root(self) -> Path:
         return self.storage / "jobs"
-
-    @property
-    def models_root(self) -> Path:
-        return self.storage / "models"
 
     def start(self) -> "LocalPlatform":
         self.root.mkdir(parents=True, exist_ok=True)
@@ -82,10 +77,6 @@ class LocalPlatform:
         # SIGTERM lets the control plane stop its children gracefully; stop_group then sweeps its process group.
         stop_group(proc, grace_s=15.0)
 
-    def child_pids(self) -> list[int]:
-        """Pids of every live process started for this platform (found by its root dir in their command line)."""
-        return find_pids(str(self.root))
-
     def __enter__(self) -> "LocalPlatform":
         return self.start()
 
@@ -102,20 +93,3 @@ class LocalPlatform:
 def _main_thread() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
-
-
-def find_pids(marker: str) -> list[int]:
-    """Live pids whose command line contains `marker` (scans /proc; no psutil)."""
-    from cookbook.local.procs import pid_alive
-
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmdline and pid_alive(int(entry)):
-            out.append(int(entry))
-    return out

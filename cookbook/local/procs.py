@@ -105,12 +105,6 @@ def start_parent_watchdog(parent_pid: int | None, interval_s: float = 0.5) -> No
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
-
-
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -147,7 +141,7 @@ def log_tail(log_file: str | os.PathLike | None, n_chars: int = 2000) -> str:
 
 
 def request_key(headers) -> str | None:
-    """The key a request carries: `X-API-Key` (tinker and Fireworks) or `Authorization: Bearer`."""
+    """The key a request carries: `X-API-Key` (tinker and Fireworks) or `Authorization: Bearer <key>`."""
     key = headers.get("x-api-key")
     if key:
         return key
@@ -155,12 +149,20 @@ def request_key(headers) -> str | None:
     return auth[7:] if auth.lower().startswith("bearer ") else None
 
 
-class KeyAuthMiddleware:
-    """Pure ASGI middleware (works with streaming responses): 401 unless the request carries the per-run key."""
+# The control plane's and the deployment's 401 body, Fireworks style (16: gRPC's UNAUTHENTICATED).
+UNAUTHORIZED_BODY = {"error": {"code": 16, "message": "missing or invalid API key"}}
 
-    def __init__(self, app, api_key: str):
+
+class KeyAuthMiddleware:
+    """Pure ASGI middleware (works with streaming responses): 401 unless the request carries the per-run key.
+
+    `error_body` is the JSON of that 401, in the error shape of the API the wrapped app serves.
+    """
+
+    def __init__(self, app, api_key: str, error_body: dict = UNAUTHORIZED_BODY):
         self.app = app
         self._key = api_key.encode()
+        self.error_body = error_body
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -169,7 +171,7 @@ class KeyAuthMiddleware:
         key = request_key(headers)
         if key is None or not hmac.compare_digest(key.encode(), self._key):
             from starlette.responses import JSONResponse
-            response = JSONResponse({"error": {"code": 16, "message": "missing or invalid API key"}}, status_code=401)
+            response = JSONResponse(self.error_body, status_code=401)
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 

@@ -1,23 +1,23 @@
 """The deployment's decode engine: a hand-written KV-cache loop over a left-padded batch, and a batcher thread.
 
-Why hand-written: for small models it is faster than `generate` and yields the per-token logprobs directly
-(environment.md). Every sequence reports two logprobs per token: `logprob`, the model's log-softmax at temperature 1
-(what the trainer's forward computes, so after a weight sync they agree to ~1e-6), and `sampling_logprob`, the
-log-probability under the distribution actually sampled from (after temperature / top-k / top-p), which is the
-behaviour policy an importance-sampling loss needs.
+Why hand-written: for the small embedded models it is faster than transformers' `generate`, and it yields the
+per-token logprobs directly. Every sequence reports two logprobs per token (`cookbook.local.token_sampling` picks the
+tokens): `logprob`, the model's log-softmax at temperature 1 (what the trainer's forward computes, so after a weight
+sync they agree to ~1e-6), and `sampling_logprob`, the log-probability under the distribution actually sampled from
+(after temperature / top-k / top-p), which is the behaviour policy an importance-sampling loss needs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
-import random
 import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
+
+from cookbook.local.token_sampling import pick_tokens, row_rng
 
 
 @dataclass
@@ -78,7 +78,7 @@ class Engine:
         logits = out.logits[:, -1].float()
         # Never decode past the model's positions: those sequences finish with "length".
         budgets = [max(0, min(s.max_tokens, self.max_positions - lens[i])) for i, s in enumerate(seqs)]
-        rngs = [random.Random(s.seed) if s.seed is not None else random.Random(os.urandom(8)) for s in seqs]
+        rngs = [row_rng(s.seed) for s in seqs]
         temps = torch.tensor([s.temperature for s in seqs], device=dev)
         top_ps = torch.tensor([s.top_p for s in seqs], device=dev)
         top_ks = [s.top_k for s in seqs]
@@ -86,9 +86,8 @@ class Engine:
         cur = pos[:, -1:].clone()
         texts = [""] * B
         for _ in range(max(budgets, default=0)):
-            logp = torch.log_softmax(logits, -1)
-            tok, slp = self._sample(logits, temps, top_ps, top_ks, rngs)
-            tok_l, lp_l, slp_l = tok.tolist(), logp.gather(1, tok[:, None])[:, 0].tolist(), slp.tolist()
+            tok, lp, slp = pick_tokens(logits, temps, top_ps, top_ks, rngs)
+            tok_l, lp_l, slp_l = tok.tolist(), lp.tolist(), slp.tolist()
             for i, s in enumerate(seqs):
                 if not live[i]:
                     continue
@@ -137,35 +136,6 @@ class Engine:
             targets = torch.tensor(s.prompt[1:], dtype=torch.long, device=logp.device)
             rows = logp[i, start:L - 1]
             s.prompt_logprobs = rows.gather(1, targets[:, None])[:, 0].tolist() if len(targets) else []
-
-    @staticmethod
-    def _sample(logits: torch.Tensor, temps: torch.Tensor, top_ps: torch.Tensor, top_ks: list[int],
-                rngs: list[random.Random]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample one token per row; returns (tokens, log-prob under the sampling distribution)."""
-        greedy = temps <= 0
-        scaled = logits / torch.where(greedy, torch.ones_like(temps), temps)[:, None]
-        if any(k > 0 for k in top_ks):
-            V = scaled.shape[-1]
-            ks = torch.tensor([k if 0 < k < V else V for k in top_ks], device=scaled.device)
-            kth = scaled.sort(-1, descending=True).values.gather(1, (ks - 1)[:, None])
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        probs = torch.softmax(scaled, -1)
-        if bool((top_ps < 1).any()):
-            sp, idx = probs.sort(-1, descending=True)
-            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            drop = (sp.cumsum(-1) - sp) >= top_ps[:, None]
-            sp = sp.masked_fill(drop, 0.0)
-            probs = torch.zeros_like(probs).scatter(1, idx, sp)
-            probs = probs / probs.sum(-1, keepdim=True)
-        u = torch.tensor([r.random() for r in rngs], device=probs.device, dtype=probs.dtype)
-        cdf = probs.cumsum(-1)
-        tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)[:, 0]
-        # Guard against landing on a zero-probability token through float rounding at the CDF's edge.
-        zero = probs.gather(1, tok[:, None])[:, 0] <= 0
-        tok = torch.where(zero, probs.argmax(-1), tok)
-        tok = torch.where(greedy, logits.argmax(-1), tok)
-        slp = torch.log(probs.gather(1, tok[:, None])[:, 0])
-        return tok, torch.where(greedy, torch.zeros_like(slp), slp)
 
 
 class Batcher:

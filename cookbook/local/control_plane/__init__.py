@@ -9,7 +9,8 @@ reached through this server: the trainer gateway (`/training/v1/rlorTrainerJobs/
 from `cookbook.local.catalog` (+ `--catalog` files). Layout: `--root` holds `logs/` and `run/` (port files) of this
 platform; `--storage` holds `jobs/<job>/{checkpoints,sampler}/` (the trainers' stores) and `models/<id>/` (promoted).
 
-It serves what the SDK sends (wire-contract §3) and rejects what the real service rejects, answering
+It serves the requests the SDK sends (trainer jobs, training shapes, checkpoints, deployments, hot load, completions)
+and rejects what the real service rejects, answering
 `{"error": {"code": <HTTP status>, "status": <gRPC code name>, "message": "..."}}`. Rules of thumb where the real
 behaviour is not documented (each marked "unknown" where it is applied): the strict-but-reasonable choice; a missing
 resource named in the URL is 404, a missing or malformed resource named inside a request body is 400.

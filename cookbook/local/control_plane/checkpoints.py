@@ -13,8 +13,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from cookbook.local.control_plane.children import ControlPlaneBase
-from cookbook.local.control_plane.validation import (ACCOUNT, CHECKPOINT_NAME, MODEL_NAME, RESOURCE_ID, ApiError,
-                                                     _check_type, _json_object, _now)
+from cookbook.local.control_plane.validation import (
+    ACCOUNT,
+    CHECKPOINT_NAME,
+    MODEL_NAME,
+    RESOURCE_ID,
+    ApiError,
+    _check_type,
+    _json_object,
+    _now,
+)
 
 PROMOTE_FIELDS = {"output_model", "trainer_job_id", "base_model", "async_promotion", "hot_load_deployment_id"}
 

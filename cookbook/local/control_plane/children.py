@@ -23,8 +23,8 @@ from starlette.responses import Response, StreamingResponse
 from cookbook.local import catalog as catalog_mod
 from cookbook.local.catalog import Catalog
 from cookbook.local.control_plane.validation import ACCOUNT, JOB_NAME, MODEL_NAME, ApiError, _error, _now
-from cookbook.models import EMBEDDED_MODELS
 from cookbook.local.procs import SNAPSHOT_ROOT_HEADER, python_cmd, spawn, stop_group
+from cookbook.models import EMBEDDED_MODELS
 
 HOP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
                "proxy-authorization", "proxy-connection", "trailer"}

@@ -9,8 +9,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from cookbook.local.control_plane.children import Child, ControlPlaneBase
-from cookbook.local.control_plane.validation import (ACCOUNT, DEPLOYMENT_NAME, RESOURCE_ID, ApiError, _camel,
-                                                     _check_type, _flag, _json_object, _now, _reject_unknown, _snake)
+from cookbook.local.control_plane.validation import (
+    ACCOUNT,
+    DEPLOYMENT_NAME,
+    RESOURCE_ID,
+    ApiError,
+    _camel,
+    _check_type,
+    _flag,
+    _json_object,
+    _now,
+    _reject_unknown,
+    _snake,
+)
 from cookbook.local.procs import SNAPSHOT_ROOT_HEADER
 
 # Request bodies: the fields of Deployment the SDK (1.2.24) may send. Anything else is rejected, as the real REST

@@ -11,8 +11,17 @@ from starlette.responses import JSONResponse, Response
 from cookbook.local import catalog as catalog_mod
 from cookbook.local.catalog import TrainingShape
 from cookbook.local.control_plane.children import Child, ControlPlaneBase
-from cookbook.local.control_plane.validation import (ACCOUNT, RESOURCE_ID, ApiError, _check_type, _error, _flag,
-                                                     _json_object, _now, _reject_unknown)
+from cookbook.local.control_plane.validation import (
+    ACCOUNT,
+    RESOURCE_ID,
+    ApiError,
+    _check_type,
+    _error,
+    _flag,
+    _json_object,
+    _now,
+    _reject_unknown,
+)
 
 TERMINAL_JOB_STATES = ("JOB_STATE_FAILED", "JOB_STATE_DELETED")
 RESUMABLE_JOB_STATES = ("JOB_STATE_FAILED", "JOB_STATE_CANCELLED", "JOB_STATE_PAUSED", "JOB_STATE_COMPLETED")

@@ -1,4 +1,4 @@
-"""The trainer service's HTTP surface: tinker 0.23 JSON contract + Fireworks trainer extensions (wire-contract §5.1).
+"""The trainer service's HTTP surface: tinker 0.23's JSON API plus the Fireworks trainer's extensions to it.
 
 Futures: operations that the SDK treats as promises get a request id at once and run on the single compute thread;
 `retrieve_future` long-polls (≤ LONG_POLL_S) and only then answers 408 try_again, because the SDK re-polls instantly.
@@ -8,7 +8,6 @@ Per-model operations run strictly in seq_id order (gaps are buffered) and are de
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import logging
 import traceback
@@ -24,11 +23,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from cookbook import models
+from cookbook.local.procs import KeyAuthMiddleware
 from cookbook.local.storage import remove_temp_leftovers
 from cookbook.local.trainer.checkpoints import Store, check_name, weights_info
 from cookbook.local.trainer.engine import TrainModel
 from cookbook.local.trainer.losses import UserRequestError
-from cookbook.local.trainer.sampling import Sampler
+from cookbook.local.trainer.sampling import SamplingSession
 
 log = logging.getLogger("cookbook.trainer")
 LONG_POLL_S = 30.0
@@ -55,13 +55,12 @@ class TrainerService:
         self.forward_only = forward_only
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="trainer-compute")
         self.models: dict[str, TrainModel] = {}
-        self.samplers: dict[str, Sampler] = {}
+        self.samplers: dict[str, SamplingSession] = {}
         self.queues: dict[str, _Queue] = {}
         self.futures: OrderedDict[str, asyncio.Future] = OrderedDict()
         self.created: dict[tuple[str, int], str] = {}  # (session, model_seq_id) -> request id (dedupe)
         self._ids = itertools.count(1)
         self._tokenizers: dict[str, Any] = {}
-        self.loop: asyncio.AbstractEventLoop | None = None
         # A trainer starting on a store is its only writer: what a crashed save left there (hidden temp dirs) can go.
         # This is how a resumed job (`:resume` after its trainer died) cleans up after itself.
         for leftover in remove_temp_leftovers(store.root):
@@ -72,8 +71,9 @@ class TrainerService:
 
     # ------------------------------------------------------------------ futures
     def _new_future(self) -> str:
+        """Called on the event loop (from request handlers); the compute thread settles the future through it."""
         rid = f"req-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
-        self.futures[rid] = self.loop.create_future()
+        self.futures[rid] = asyncio.get_running_loop().create_future()
         while len(self.futures) > MAX_KEPT_RESULTS:
             self.futures.popitem(last=False)
         return rid
@@ -90,7 +90,7 @@ class TrainerService:
             except Exception as e:  # noqa: BLE001 - report, keep serving
                 log.error("%s crashed:\n%s", label, traceback.format_exc())
                 value = {"error": f"internal error in {label}: {type(e).__name__}: {e}", "category": "server"}
-            self.loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(value))
+            fut.get_loop().call_soon_threadsafe(lambda: fut.done() or fut.set_result(value))
 
         self.executor.submit(run)
 
@@ -165,7 +165,7 @@ class TrainerService:
             snap = m.merged_model()
             snap = copy.deepcopy(snap) if snap is m.model else snap
             snap.requires_grad_(False)
-            self.samplers[sid] = Sampler(sid, snap, m.base_model, None, self.tokenizer(m.base_model))
+            self.samplers[sid] = SamplingSession(sid, snap, m.base_model, None, self.tokenizer(m.base_model))
             return {"sampling_session_id": sid, "type": "save_weights_for_sampler"}
         ctype = body.get("checkpoint_type")
         self.store.save_sampler(m, self.tokenizer(m.base_model), check_name(path), ctype)
@@ -173,7 +173,7 @@ class TrainerService:
         reply = path if ctype is not None else f"tinker://{m.model_id}/sampler_weights/{path}"
         return {"path": reply, "type": "save_weights_for_sampler"}
 
-    def open_sampler(self, body: dict, sid: str) -> Sampler:
+    def open_sampler(self, body: dict, sid: str) -> SamplingSession:
         from cookbook.local import snapshots
 
         path, base = body.get("model_path"), body.get("base_model")
@@ -198,10 +198,11 @@ class TrainerService:
             base = base or self.base_model
             model = models.load_model(base, seed=self.seed)
         model.requires_grad_(False)
-        return Sampler(sid, model, base, path, self.tokenizer(base if models.is_embedded(base) else self.base_model))
+        tokenizer = self.tokenizer(base if models.is_embedded(base) else self.base_model)
+        return SamplingSession(sid, model, base, path, tokenizer)
 
 
-def build_app(svc: TrainerService) -> Starlette:
+def build_app(svc: TrainerService) -> KeyAuthMiddleware:
     async def body_of(request: Request) -> dict:
         try:
             body = await request.json()
@@ -391,25 +392,5 @@ def build_app(svc: TrainerService) -> Starlette:
         return _err(400, str(exc))
 
     app = Starlette(routes=routes, exception_handlers={UserRequestError: user_error})
-    return _AuthAndErrors(app, svc)
-
-
-class _AuthAndErrors:
-    """ASGI wrapper: the key check on every request (401 JSON, constant-time compare)."""
-
-    def __init__(self, app, svc: TrainerService):
-        self.app, self.svc, self.api_key = app, svc, svc.api_key.encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        if self.svc.loop is None:
-            self.svc.loop = asyncio.get_running_loop()
-        headers = {k.decode().lower(): v for k, v in scope.get("headers", [])}
-        key = headers.get("x-api-key", b"")
-        auth = headers.get("authorization", b"")
-        if not key and auth.lower().startswith(b"bearer "):
-            key = auth[7:].strip()
-        if not hmac.compare_digest(key, self.api_key):
-            return await _err(401, "missing or invalid API key")(scope, receive, send)
-        await self.app(scope, receive, send)
+    # A wrong or missing key gets tinker's error shape, like every other error of this service.
+    return KeyAuthMiddleware(app, svc.api_key, error_body={"error": "missing or invalid API key", "category": "user"})

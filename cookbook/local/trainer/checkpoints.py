@@ -19,12 +19,10 @@ import uuid
 import warnings
 from pathlib import Path
 
-import torch
-
-from cookbook.runs.faults import crash_point, should_fail
 from cookbook.local import snapshots
 from cookbook.local.trainer.engine import TrainModel
 from cookbook.local.trainer.losses import UserRequestError
+from cookbook.runs.faults import crash_point, should_fail
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 META = "meta.json"
@@ -189,7 +187,3 @@ def weights_info(store: Store, tinker_path: object) -> dict:
     return {"base_model": meta["base_model"], "is_lora": int(meta["lora_rank"]) > 0, "lora_rank": int(meta["lora_rank"]),
             "train_unembed": meta.get("train_unembed"), "train_mlp": meta.get("train_mlp"),
             "train_attn": meta.get("train_attn")}
-
-
-def clone_state(model) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}

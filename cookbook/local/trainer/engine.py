@@ -18,10 +18,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cookbook.runs.faults import crash_point
 from cookbook import models
-from cookbook.local.trainer.losses import (Datum, UserRequestError, check_loss, count_loss_tokens, datum_loss,
-                                           parse_datums)
+from cookbook.local.trainer.losses import (
+    Datum,
+    UserRequestError,
+    check_loss,
+    count_loss_tokens,
+    datum_loss,
+    parse_datums,
+)
+from cookbook.runs.faults import crash_point
 
 log = logging.getLogger("cookbook.trainer")
 

@@ -1,4 +1,4 @@
-"""Wire datums → tensors, and the built-in losses (wire-contract §1.4, §1.7).
+"""tinker's JSON datums (`model_input` chunks, `loss_fn_inputs` as TensorData) → tensors, and the built-in losses.
 
 Every loss is a plain sum over tokens of all datums (no normalization): gradient-accumulation normalization happens
 at `optim_step`. `count_loss_tokens` says which tokens count for `num_loss_tokens` / `num_sequences`: tokens with a

@@ -1,17 +1,20 @@
-"""Pure-tinker sampling sessions (wire-contract §1.3 `asample`): a hand-written KV-cache loop with per-token logprobs.
+"""Pure-tinker sampling sessions (what tinker's `asample` requests run on): a KV-cache loop with per-token logprobs.
 
 The Fireworks flow samples from a separate deployment; this exists so the unmodified tinker 0.23 SDK works end to end
-(`create_sampling_client`, `save_weights_and_get_sampling_client`, `compute_logprobs`).
+(`create_sampling_client`, `save_weights_and_get_sampling_client`, `compute_logprobs`). Tokens are picked by the
+deployment's rule (`cookbook.local.token_sampling`), and each sequence's `logprobs` are its sampling logprobs: under
+the distribution actually sampled from, so 0 for a greedy pick.
 """
 
 from __future__ import annotations
 
 import torch
 
+from cookbook.local.token_sampling import pick_tokens, row_rng
 from cookbook.local.trainer.losses import UserRequestError
 
 
-class Sampler:
+class SamplingSession:
     def __init__(self, sampler_id: str, model, base_model: str, model_path: str | None, tokenizer):
         self.sampler_id, self.model, self.base_model, self.model_path = sampler_id, model.eval(), base_model, model_path
         self.tokenizer = tokenizer
@@ -51,9 +54,12 @@ class Sampler:
         max_tokens = min(int(params.get("max_tokens") or room), room)
         temperature = float(params.get("temperature", 1.0))
         top_k, top_p = int(params.get("top_k", -1)), float(params.get("top_p", 1.0))
+        if not top_p > 0:  # a token stays while the mass ranked above it is below top_p: with 0, none would
+            raise UserRequestError(f"top_p must be > 0 (1 keeps every token), got {top_p}")
         stop_ids, stop_strs = self._stop_conditions(params.get("stop"))
-        gen = torch.Generator()
-        gen.manual_seed(int(params["seed"]) if params.get("seed") is not None else torch.seed())
+        seed = params.get("seed")
+        # Sample i draws from seed + i, as the deployment does for a request with n choices.
+        rngs = [row_rng(None if seed is None else int(seed) + i) for i in range(n)]
 
         ids = torch.tensor([prompt] * n)
         out = self.model(input_ids=ids, use_cache=True)
@@ -68,7 +74,7 @@ class Sampler:
         reasons = ["length"] * n
         active = torch.ones(n, dtype=torch.bool)
         for step in range(max_tokens):
-            nxt, lp = self._pick(logits, temperature, top_k, top_p, gen)
+            nxt, _, lp = pick_tokens(logits, [temperature] * n, [top_p] * n, [top_k] * n, rngs)
             for i in range(n):
                 if not active[i]:
                     continue
@@ -80,7 +86,7 @@ class Sampler:
                     reasons[i] = "stop"
             if not active.any() or step == max_tokens - 1:
                 break
-            out = self.model(input_ids=nxt[:, None], past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=nxt[:, None], cache=cache, use_cache=True)
             cache = out.cache
             logits = out.logits[:, -1].float()
         result["sequences"] = [{"tokens": t, "logprobs": lp, "stop_reason": r}
@@ -92,24 +98,3 @@ class Sampler:
             return False
         tail = self.tokenizer.decode(toks[-32:])
         return any(tail.endswith(s) for s in stops)
-
-    @staticmethod
-    def _pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator):
-        """Sample one token per row; the logprob is under the distribution actually sampled from."""
-        if temperature <= 0:  # greedy; report the model's own logprob
-            lp = torch.log_softmax(logits, -1)
-            nxt = lp.argmax(-1)
-            return nxt, lp.gather(-1, nxt[:, None])[:, 0]
-        scaled = logits / temperature
-        if top_k > 0 and top_k < scaled.shape[-1]:
-            kth = torch.topk(scaled, top_k, dim=-1).values[:, -1:]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-        if top_p < 1.0:
-            sorted_logits, order = torch.sort(scaled, descending=True, dim=-1)
-            probs = torch.softmax(sorted_logits, -1)
-            drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
-            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-            scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_logits)
-        lp = torch.log_softmax(scaled, -1)
-        nxt = torch.multinomial(lp.exp(), 1, generator=gen)[:, 0]
-        return nxt, lp.gather(-1, nxt[:, None])[:, 0]
