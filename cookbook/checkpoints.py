@@ -26,13 +26,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from cookbook.config import RunConfig
 from cookbook.errors import UserError
 from cookbook.runs.faults import crash_point
 from cookbook.runs.retention import discard
 from cookbook.runs.rundir import append_jsonl, read_jsonl
+
+if TYPE_CHECKING:  # the checkpoints CLI stays free of the SDK import
+    from cookbook.client.session import Session
 
 INDEX = "checkpoints.jsonl"
 DELETED = "deleted"  # the event of an index line that records a retention deletion
@@ -177,12 +180,12 @@ class Checkpointer:
                             f"to load it anyway.")
 
 
-def promote(session: Any, record: dict[str, Any], output_model_id: str) -> Any:
+def promote(session: Session, record: dict[str, Any], output_model_id: str) -> Any:
     """Export a final (sampler) checkpoint as a standalone model through the control plane's promote call."""
     if not record.get("sampler_path"):
         raise UserError(f"Checkpoint {record['name']} has no sampler export to promote. Fix: promote the final "
                         f"checkpoint (kind 'both').")
-    mgr = session.trainer_mgr
+    mgr = session.rlor_mgr
     name = f"accounts/{mgr.account_id}/rlorTrainerJobs/{record['job_id']}/checkpoints/{record['sampler_path']}"
     return mgr.promote_checkpoint(name=name, output_model_id=output_model_id, base_model=session.base_model)
 

@@ -3,7 +3,7 @@
 Kept import-light: `--cfg job`, `--help` and user-error paths never import torch or transformers.
 Every job is composed and validated before Hydra starts anything, so a user mistake exits with code 2 and
 one readable paragraph (Hydra itself would print a traceback and exit 1), also for every job of a sweep.
-A sweep (`-m`) runs every job even when some fail, then lists the failures (cookbook/sweep.py) and exits 1.
+A sweep (`-m`) runs every job even when some fail, then lists the failures (cookbook/runs/sweep.py) and exits 1.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from cookbook.config.compose import CONFIG_PATH, register_resolvers
 from cookbook.config import register_configs
+from cookbook.config.compose import CONFIG_PATH, register_resolvers
 from cookbook.errors import InfraError, UserError
 
 USER_ERROR_EXIT = 2

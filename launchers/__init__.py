@@ -1,4 +1,5 @@
-"""One module per backend; each exposes `launch(cfg, *, needs_reference, needs_deployment, log=print)`."""
+"""One module per backend. Each exposes `launch(cfg, *, needs_reference, needs_deployment, log=print)`, a context
+manager yielding the run's `Session`, and `check_credentials(cfg)`, run before anything is launched."""
 
 import importlib
 

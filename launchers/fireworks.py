@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from cookbook.config import RunConfig
 from cookbook.errors import UserError
-from cookbook.client.session import Session, build_session
+
+if TYPE_CHECKING:
+    from cookbook.client.session import Session
 
 DEFAULT_BASE_URL = "https://api.fireworks.ai"
 
@@ -25,19 +27,28 @@ def _poll_interval_s() -> float:
     return float(os.environ.get("FIREWORKS_POLL_INTERVAL_S") or 5.0)
 
 
-def credentials() -> tuple[str, str]:
+def check_credentials(cfg: RunConfig) -> None:
+    """Before anything is launched (preflight, and each job of a sweep): Fireworks needs a key in the environment."""
+    credentials(cfg)
+
+
+def credentials(cfg: RunConfig) -> tuple[str, str]:
+    """(control-plane URL, API key), both from the environment only."""
     api_key = os.environ.get("FIREWORKS_API_KEY", "").strip()
     if not api_key:
-        raise UserError("FIREWORKS_API_KEY is not set, and the fireworks launcher needs it to create trainer jobs "
-                        "and deployments. Fix: `export FIREWORKS_API_KEY=...` (keys are read from the environment "
-                        "only), or run locally with `infra=local-tiny`.")
+        raise UserError(f"The training shape {cfg.infra.training_shape_id} runs on Fireworks and needs FIREWORKS_API_KEY in the "
+                        f"environment (keys are never read from config files). Fix: export FIREWORKS_API_KEY=..., or "
+                        f"run locally instead with infra=local-tiny (the default), or add dry_run=true to see the "
+                        f"plan without credentials.")
     return os.environ.get("FIREWORKS_BASE_URL", "").strip() or DEFAULT_BASE_URL, api_key
 
 
 @contextlib.contextmanager
 def launch(cfg: RunConfig, *, needs_reference: bool, needs_deployment: bool,
            log: Callable[[str], None] = print) -> Iterator[Session]:
-    base_url, api_key = credentials()
+    from cookbook.client.session import build_session
+
+    base_url, api_key = credentials(cfg)
     with contextlib.ExitStack() as stack:
         log(f"[launch] Fireworks control plane at {base_url}")
         yield build_session(cfg, base_url, api_key, needs_reference=needs_reference,

@@ -32,7 +32,7 @@ def env(tmp_path_factory):
         session = build_session(run_config(root / "run", deployment_id=DEP), platform.base_url, platform.api_key,
                                 needs_reference=False, needs_deployment=True, stack=stack, log=logs.append,
                                 poll_interval_s=0.1)
-        yield dict(platform=platform, session=session, tm=session.trainer_mgr, dm=session.deploy_mgr,
+        yield dict(platform=platform, session=session, tm=session.rlor_mgr, dm=session.deploy_mgr,
                    client=session.policy, syncer=session.weight_syncer, sampler=session.sampler, job=session.job_id,
                    logs=logs)
 
@@ -163,7 +163,7 @@ def test_promote_base_snapshot(env):
     rows = [r for r in env["tm"].list_checkpoints(env["job"]) if r["promotable"]]
     model = env["tm"].promote_checkpoint(name=rows[-1]["name"], output_model_id="promoted-test", base_model=MODEL)
     assert model["state"] == "READY" and model["name"].endswith("/models/promoted-test")
-    loaded = load_model(str(env["platform"].models_root / "promoted-test"))
+    loaded = load_model(str(env["platform"].storage / "models" / "promoted-test"))
     assert loaded.config.vocab_size > 0
 
 

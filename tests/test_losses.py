@@ -25,7 +25,6 @@ from cookbook.recipes.losses import (
     orpo_loss_fn,
     scale_weights_for_builtin_ce,
     sequence_logprob,
-    sequence_logprobs,
     sft_loss_fn,
 )
 
@@ -339,9 +338,6 @@ def test_orpo_extreme_logprobs_give_finite_loss_and_grads():
 def test_sequence_logprob_uses_mask():
     lp = torch.tensor([-1.0, -2.0, -3.0])
     assert float(sequence_logprob(lp, torch.tensor([0.0, 1.0, 1.0]))) == -5.0
-    d = datum([0.0, 1.0, 1.0])
-    td = tinker.TensorData.from_torch(lp)
-    assert sequence_logprobs([d, d], [lp, td]) == [-5.0, -5.0]
 
 
 def test_inconsistent_mode_rejected():

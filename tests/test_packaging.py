@@ -70,7 +70,7 @@ def test_installed_package_is_the_one_imported_and_finds_its_configs(installed):
              "print(cookbook.__file__); print(launchers.__file__); print(c.CONFIG_PATH)\n"
              "data = resources.files('cookbook.datasets').joinpath('bundled')\n"
              "print(sorted(p.name for p in data.iterdir() if p.name.endswith('.jsonl')))\n"
-             "from cookbook.datasets.load import resolve_dataset; print(resolve_dataset('bundled:sft_arith_train'))\n")
+             "from cookbook.datasets.rows import resolve_dataset; print(resolve_dataset('bundled:sft_arith_train'))\n")
     result = run_installed(target, outside, "-c", probe)
     assert result.returncode == 0, result.stderr
     cookbook_file, launchers_file, config_path, data, bundled = result.stdout.splitlines()[:5]

@@ -1,4 +1,4 @@
-"""A killed run resumes exactly from its last DCP checkpoint (DESIGN.md §6), through the CLI in subprocesses.
+"""A killed run resumes exactly from its last DCP checkpoint, through the CLI in subprocesses.
 
 Every test uses its own log_path. Final weights are compared through the final sampler checkpoint (an HF directory
 in trainer storage named by the last line of checkpoints.jsonl). "The same rows were trained on" is checked two ways:

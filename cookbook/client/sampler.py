@@ -3,7 +3,7 @@
 The SDK sampler speaks the completions contract the real service expects — token ids in, `raw_output` token ids
 out, stop sequences as strings (integer stop ids are decoded with the tokenizer), per-token raw and sampling
 logprobs, retries of 404/425 right after a hot load and of transient errors. It is async and sends one streaming
-request per completion; `Sampler` gives the recipes a blocking `sample_many` on top, running every request of a
+request per completion; `CompletionSampler` gives the recipes a blocking `sample_many` on top, running every request of a
 batch concurrently on one private event loop so the deployment can batch them.
 """
 
@@ -30,7 +30,7 @@ class Completion:
     text: str = ""
 
 
-class Sampler:
+class CompletionSampler:
     def __init__(self, deployment_sampler: "DeploymentSampler", timeout_s: float = 600, max_connections: int = 256):
         self.deployment_sampler = deployment_sampler
         self.timeout_s = timeout_s

@@ -2,7 +2,7 @@
 
 `build_session` is the one place that turns a config plus a control-plane URL and key into trainer job(s), a
 `ReconnectableClient` (policy, and a frozen reference when the recipe needs one), a deployment with its
-`WeightSyncer` and a `Sampler` — all through the official Fireworks SDK, the way its own cookbook drives it:
+`WeightSyncer` and a `CompletionSampler` — all through the official Fireworks SDK, the way its own cookbook drives it:
 
   1. resolve the training shape's latest validated version (it names the deployment shape and context length);
   2. create the policy trainer on that shape (and a forward-only reference trainer on `ref_training_shape_id` only
@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import httpx
 
+from cookbook.client.sampler import CompletionSampler
 from cookbook.client.trainer import ReconnectableClient, call_with_deadline
+from cookbook.client.weight_sync import WeightSyncer
 from cookbook.config import RunConfig
 from cookbook.errors import InfraError, UserError
-from cookbook.client.sampler import Sampler
-from cookbook.client.weight_sync import WeightSyncer
 
 if TYPE_CHECKING:
     from fireworks.training.sdk import DeploymentManager, TrainerJobManager, TrainingShapeProfile
@@ -49,12 +49,12 @@ class Session:
 
     policy: ReconnectableClient
     reference: ReconnectableClient | None
-    sampler: Sampler | None
+    sampler: CompletionSampler | None
     weight_syncer: WeightSyncer | None
     tokenizer: Any
     base_model: str
     job_id: str
-    trainer_mgr: "TrainerJobManager"
+    rlor_mgr: "TrainerJobManager"
     deploy_mgr: "DeploymentManager | None"
     deployment_id: str | None = None
     reference_job_id: str | None = None  # set only when the reference runs in its own trainer job
@@ -83,7 +83,7 @@ class Session:
     def _platform_problems(self) -> str | None:
         problems = []
         for role, job_id in (("policy trainer", self.job_id), ("reference trainer", self.reference_job_id)):
-            job = self.trainer_mgr.try_get(job_id) if job_id else None
+            job = self.rlor_mgr.try_get(job_id) if job_id else None
             if job and job.get("state") not in ("JOB_STATE_RUNNING", "JOB_STATE_CREATING", "JOB_STATE_PENDING"):
                 problems.append(f"the {role} job {job_id} is {job.get('state')}: {job.get('statusMessage') or '-'}")
         if self.deploy_mgr is not None and self.deployment_id:
@@ -142,17 +142,17 @@ def new_job_id(prefix: str = "cookbook") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def _resolve_shape(trainer_mgr: "TrainerJobManager", shape_id: str, key: str) -> "TrainingShapeProfile":
+def _resolve_shape(rlor_mgr: "TrainerJobManager", shape_id: str, key: str) -> "TrainingShapeProfile":
     """The shape's latest validated version; a malformed or unknown shape id is the user's to fix."""
     try:
-        return trainer_mgr.resolve_training_profile(shape_id)
+        return rlor_mgr.resolve_training_profile(shape_id)
     except ValueError:
         raise UserError(f"{key}={shape_id} is not a training shape name. Fix: use the full resource name "
                         "accounts/<account>/trainingShapes/<shape>, e.g. accounts/local/trainingShapes/local-tiny.")
     except RuntimeError as e:
         if "(HTTP 404)" not in str(e):
             raise
-        raise UserError(f"{key}={shape_id}: the control plane at {trainer_mgr.base_url} has no such training shape. "
+        raise UserError(f"{key}={shape_id}: the control plane at {rlor_mgr.base_url} has no such training shape. "
                         "Fix: pick an infra option that names a shape of your account (the embedded platform's "
                         "shapes are listed by `python -m cookbook.local serve`).") from None
 
@@ -182,8 +182,13 @@ def build_session(cfg: RunConfig, base_url: str, api_key: str, *, needs_referenc
                   stack: contextlib.ExitStack, log: Callable[[str], None] = print, poll_interval_s: float = 5.0,
                   platform_root: str | None = None, logs_dir: str | None = None) -> Session:
     """Create the run's trainer job(s), clients, deployment and syncer; register their teardown on `stack`."""
-    from fireworks.training.sdk import (DeploymentManager, DeploymentSampler, FixedConcurrencyController,
-                                        TrainerJobConfig, TrainerJobManager)
+    from fireworks.training.sdk import (
+        DeploymentManager,
+        DeploymentSampler,
+        FixedConcurrencyController,
+        TrainerJobConfig,
+        TrainerJobManager,
+    )
 
     from cookbook.models import load_tokenizer
 
@@ -193,16 +198,16 @@ def build_session(cfg: RunConfig, base_url: str, api_key: str, *, needs_referenc
                         "or set infra.training_shape_id to a training shape id.")
     check_control_plane(base_url, api_key)
     lora_rank = int(cfg.recipe.lora_rank or 0)
-    trainer_mgr = TrainerJobManager(api_key=api_key, base_url=base_url)
-    stack.callback(trainer_mgr.close)
+    rlor_mgr = TrainerJobManager(api_key=api_key, base_url=base_url)
+    stack.callback(rlor_mgr.close)
 
     # 1. Plan everything from the shapes before anything is created.
-    profile = _resolve_shape(trainer_mgr, infra.training_shape_id, "infra.training_shape_id")
+    profile = _resolve_shape(rlor_mgr, infra.training_shape_id, "infra.training_shape_id")
     # Like the official client: a full-parameter policy gets a separate forward-only reference trainer when a
     # reference shape is given; otherwise (and always for LoRA) the reference is a frozen base-only model on the
     # policy's own trainer.
     separate_reference = needs_reference and bool(infra.ref_training_shape_id) and lora_rank == 0
-    ref_profile = (_resolve_shape(trainer_mgr, infra.ref_training_shape_id, "infra.ref_training_shape_id")
+    ref_profile = (_resolve_shape(rlor_mgr, infra.ref_training_shape_id, "infra.ref_training_shape_id")
                    if separate_reference else None)
     deployment_shape = _deployment_shape(cfg, profile) if needs_deployment else None
 
@@ -210,16 +215,16 @@ def build_session(cfg: RunConfig, base_url: str, api_key: str, *, needs_referenc
     def start_job(shape_id: str, shape: "TrainingShapeProfile", forward_only: bool) -> str:
         job_id = new_job_id("cookbook-ref" if forward_only else "cookbook")
         log(f"[launch] trainer job {job_id} on {shape_id} ({cfg.base_model}{', forward only' if forward_only else ''})")
-        trainer_mgr.create(TrainerJobConfig(
+        rlor_mgr.create(TrainerJobConfig(
             base_model=cfg.base_model, lora_rank=0 if forward_only else lora_rank,
             learning_rate=cfg.recipe.learning_rate, display_name=job_id, region=infra.region,
             extra_args=infra.extra_args, training_shape_ref=_shape_ref(shape_id, shape), forward_only=forward_only,
             requested_job_id=job_id))
-        stack.callback(_best_effort, log, f"deleting trainer job {job_id}", lambda: trainer_mgr.delete(job_id))
+        stack.callback(_best_effort, log, f"deleting trainer job {job_id}", lambda: rlor_mgr.delete(job_id))
         return job_id
 
     job_id = start_job(infra.training_shape_id, profile, False)
-    job_name = f"accounts/{trainer_mgr.account_id}/rlorTrainerJobs/{job_id}"
+    job_name = f"accounts/{rlor_mgr.account_id}/rlorTrainerJobs/{job_id}"
     ref_job_id = start_job(infra.ref_training_shape_id, ref_profile, True) if separate_reference else None
 
     deploy_mgr = deployment_id = deployment_base_model = None
@@ -235,23 +240,23 @@ def build_session(cfg: RunConfig, base_url: str, api_key: str, *, needs_referenc
     def wait_job(jid: str) -> Any:
         log(f"[launch] waiting for trainer job {jid} (placement up to {infra.trainer_pending_timeout_s:.0f}s, "
             f"then readiness up to {infra.trainer_timeout_s:.0f}s)")
-        return trainer_mgr.wait_for_ready(jid, poll_interval_s=poll_interval_s, timeout_s=infra.trainer_timeout_s,
+        return rlor_mgr.wait_for_ready(jid, poll_interval_s=poll_interval_s, timeout_s=infra.trainer_timeout_s,
                                           pending_timeout_s=infra.trainer_pending_timeout_s)
 
     endpoint = wait_job(job_id)
-    policy = ReconnectableClient(trainer_mgr, job_id, cfg.base_model, lora_rank, fw_api_key=api_key,
+    policy = ReconnectableClient(rlor_mgr, job_id, cfg.base_model, lora_rank, fw_api_key=api_key,
                                  endpoint=endpoint, seed=cfg.seed)
     stack.callback(policy.close)
     reference, release = None, None
     if separate_reference:
-        reference = ReconnectableClient(trainer_mgr, ref_job_id, cfg.base_model, 0, fw_api_key=api_key,
+        reference = ReconnectableClient(rlor_mgr, ref_job_id, cfg.base_model, 0, fw_api_key=api_key,
                                         endpoint=wait_job(ref_job_id))
-        release = lambda: (reference.close(), trainer_mgr.delete(ref_job_id))  # noqa: E731
+        release = lambda: (reference.close(), rlor_mgr.delete(ref_job_id))  # noqa: E731
     elif needs_reference:
         if infra.ref_training_shape_id:
             log(f"[launch] LoRA policy: the reference is the frozen base model on the policy trainer "
                 f"({infra.ref_training_shape_id} is not used)")
-        reference = ReconnectableClient(trainer_mgr, job_id, cfg.base_model, fw_api_key=api_key, endpoint=endpoint,
+        reference = ReconnectableClient(rlor_mgr, job_id, cfg.base_model, fw_api_key=api_key, endpoint=endpoint,
                                         base_only=True)
     if reference is not None:
         stack.callback(reference.close)
@@ -261,7 +266,7 @@ def build_session(cfg: RunConfig, base_url: str, api_key: str, *, needs_referenc
     if deploy_mgr is not None:
         log(f"[launch] waiting for deployment {deployment_id}")
         deploy_mgr.wait_for_ready(deployment_id, timeout_s=deploy.deployment_timeout_s, poll_interval_s=poll_interval_s)
-        sampler = Sampler(DeploymentSampler(
+        sampler = CompletionSampler(DeploymentSampler(
             inference_url=deploy_mgr.inference_url, model=f"accounts/{deploy_mgr.account_id}/deployments/{deployment_id}",
             api_key=api_key, tokenizer=tokenizer,
             concurrency_controller=FixedConcurrencyController(SAMPLING_CONCURRENCY)), deploy.sample_timeout)
@@ -270,7 +275,7 @@ def build_session(cfg: RunConfig, base_url: str, api_key: str, *, needs_referenc
                               base_model=deployment_base_model, hotload_timeout=ws.weight_sync_timeout,
                               first_checkpoint_type=ws.first_checkpoint_type, lora_rank=lora_rank)
     return Session(policy=policy, reference=reference, sampler=sampler, weight_syncer=syncer, tokenizer=tokenizer,
-                   base_model=cfg.base_model, job_id=job_id, trainer_mgr=trainer_mgr, deploy_mgr=deploy_mgr,
+                   base_model=cfg.base_model, job_id=job_id, rlor_mgr=rlor_mgr, deploy_mgr=deploy_mgr,
                    deployment_id=deployment_id, reference_job_id=ref_job_id, platform_root=platform_root,
                    logs_dir=logs_dir, _release_reference=release)
 

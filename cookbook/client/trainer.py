@@ -15,8 +15,12 @@ from typing import TYPE_CHECKING, Any, Callable
 import tinker
 
 if TYPE_CHECKING:
-    from fireworks.training.sdk import (FiretitanTrainingClient, SaveSamplerResult, TrainerJobManager,
-                                        TrainerServiceEndpoint)
+    from fireworks.training.sdk import (
+        FiretitanTrainingClient,
+        SaveSamplerResult,
+        TrainerJobManager,
+        TrainerServiceEndpoint,
+    )
 
 # Control-plane checkpoint rows of resumable (DCP) checkpoints; sampler rows are CHECKPOINT_TYPE_INFERENCE*.
 _DCP_ROW_PREFIX = "CHECKPOINT_TYPE_TRAINING"

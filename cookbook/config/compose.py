@@ -114,7 +114,7 @@ def missing_recipe_message() -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Extra keys: Hydra accepts `+typo=1` silently, even on structured configs (hydra-facts §6).
+# Extra keys: Hydra accepts `+typo=1` silently, even on structured configs, so they are checked here.
 # --------------------------------------------------------------------------------------------------------------
 
 

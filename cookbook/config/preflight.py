@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from cookbook.config.compose import compose, to_run_config
 from cookbook.config import RunConfig
+from cookbook.config.compose import compose, compose_run_config
 from cookbook.errors import UserError
 from cookbook.runs.metrics import check_wandb_credentials
 
@@ -24,7 +24,7 @@ def preflight(argv: list[str]) -> list[RunConfig]:
     jobs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
     runs = []
     for overrides in jobs:
-        run = to_run_config(compose(overrides))
+        run = compose_run_config(overrides)
         check_credentials(run)
         check_log_path(run)
         runs.append(run)
@@ -56,10 +56,8 @@ def check_log_path(run: RunConfig) -> None:
 
 
 def check_credentials(run: RunConfig) -> None:
-    if run.infra.launcher == "fireworks" and not run.dry_run and not os.environ.get("FIREWORKS_API_KEY"):
-        raise UserError(
-            f"The training shape {run.infra.training_shape_id} runs on Fireworks and needs FIREWORKS_API_KEY in the "
-            f"environment (keys are never read from config files). Fix: export FIREWORKS_API_KEY=..., or run "
-            f"locally instead with infra=local-tiny (the default), or add dry_run=true to see the plan without "
-            f"credentials.")
+    from launchers import get_launcher
+
+    if not run.dry_run:
+        get_launcher(run.infra.launcher).check_credentials(run)
     check_wandb_credentials(run.wandb)

@@ -374,7 +374,7 @@ class RunConfig:
 
 
 def register_configs() -> None:
-    """Store schemas under `schema/...` so they never appear as group options (hydra-facts §4)."""
+    """Store schemas under `schema/...`: a schema stored under a group's own name would show up as one of its options."""
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()

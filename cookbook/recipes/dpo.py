@@ -12,16 +12,17 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cookbook.client.session import Session
 from cookbook.config import DPOConfig, RunConfig
 from cookbook.datasets.cursor import DataCursor
 from cookbook.datasets.load import load_dataset
+from cookbook.recipes.evals import pair_logprobs, preference_eval
+from cookbook.recipes.loop import TrainingLoop
 from cookbook.recipes.losses import dpo_loss_fn
 from cookbook.runs.metrics import MetricsLogger
-from cookbook.recipes.evals import preference_eval, sequence_logprobs
-from cookbook.recipes.loop import TrainingLoop
 
 
-def train(run: RunConfig, session: Any, logger: MetricsLogger) -> dict[str, Any]:
+def train(run: RunConfig, session: Session, logger: MetricsLogger) -> dict[str, Any]:
     cfg: DPOConfig = run.recipe
     max_len = cfg.max_seq_len or run.infra.max_context_length
     data = load_dataset(cfg.dataset, "preference", session.tokenizer, max_len)
@@ -33,7 +34,7 @@ def train(run: RunConfig, session: Any, logger: MetricsLogger) -> dict[str, Any]
         held_out = [p for p in eval_data.items if p is not None][:cfg.max_eval_rows]
 
     # Reference logprobs, once per pair; then the reference trainer is no longer needed.
-    ref_cache = dict(zip(usable, sequence_logprobs(session.reference, [data.items[i] for i in usable])))
+    ref_cache = dict(zip(usable, pair_logprobs(session.reference, [data.items[i] for i in usable])))
     session.release_reference()
     evaluate = preference_eval(session, held_out) if held_out else None
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
-from cookbook.datasets.load import load_rows, render_prompt, resolve_dataset, stop_token_ids, strip_trailing_assistant
+from cookbook.client.session import Session
+from cookbook.datasets.load import load_rows
+from cookbook.datasets.render import render_prompt, stop_token_ids
+from cookbook.datasets.rows import resolve_dataset, strip_trailing_assistant
 
 
 def _target(row: dict[str, Any]) -> str:
@@ -16,7 +19,7 @@ def _target(row: dict[str, Any]) -> str:
     return assistant[-1]["content"] if assistant else ""
 
 
-def exact_match_eval(session: Any, spec: str, kind: str, max_rows: int, max_tokens: int,
+def exact_match_eval(session: Session, spec: str, kind: str, max_rows: int, max_tokens: int,
                      reward_fn: Optional[Callable[[str, dict], float]] = None, reward_samples: int = 0,
                      temperature: float = 1.0, top_p: float = 1.0) -> Callable[[Any], dict[str, float]]:
     """`eval/exact_match`: greedy completions from the deployment (after syncing the current weights) compared with
@@ -51,7 +54,7 @@ def exact_match_eval(session: Any, spec: str, kind: str, max_rows: int, max_toke
     return evaluate
 
 
-def sequence_logprobs(client: Any, pairs: list[tuple[Any, Any]], batch_pairs: int = 64) -> list[tuple[float, float]]:
+def pair_logprobs(client: Any, pairs: list[tuple[Any, Any]], batch_pairs: int = 64) -> list[tuple[float, float]]:
     """Per pair (Σ chosen, Σ rejected) response-token logprobs from `forward` (never accumulates gradients)."""
     from cookbook.recipes.losses import sequence_logprob
 
@@ -67,13 +70,13 @@ def sequence_logprobs(client: Any, pairs: list[tuple[Any, Any]], batch_pairs: in
 
 def mean_logprobs(client: Any, pairs: list[tuple[Any, Any]], batch_pairs: int = 64) -> list[tuple[float, float]]:
     """Per pair (mean chosen, mean rejected) response-token logprobs (ORPO's preference score)."""
-    sums = sequence_logprobs(client, pairs, batch_pairs)
+    sums = pair_logprobs(client, pairs, batch_pairs)
     counts = [(float((c.loss_fn_inputs["weights"].to_torch() > 0).sum()),
                float((r.loss_fn_inputs["weights"].to_torch() > 0).sum())) for c, r in pairs]
     return [(sc / max(nc, 1.0), sr / max(nr, 1.0)) for (sc, sr), (nc, nr) in zip(sums, counts)]
 
 
-def preference_eval(session: Any, pairs: list[tuple[Any, Any]]) -> Callable[[Any], dict[str, float]]:
+def preference_eval(session: Session, pairs: list[tuple[Any, Any]]) -> Callable[[Any], dict[str, float]]:
     """Held-out preference accuracy, the same for DPO and ORPO: the fraction of pairs whose chosen response the
     policy gives a higher mean per-token logprob than the rejected one (`eval/margin`: the mean difference).
 

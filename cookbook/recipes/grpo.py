@@ -19,14 +19,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from cookbook.client.session import Session
 from cookbook.config import GRPOConfig, RunConfig
 from cookbook.datasets.cursor import DataCursor
-from cookbook.datasets.load import align_to_targets, load_dataset, policy_datum, stop_token_ids
-from cookbook.recipes.losses import grpo_loss_fn, group_advantages
-from cookbook.runs.metrics import MetricsLogger
+from cookbook.datasets.load import load_dataset
+from cookbook.datasets.render import align_to_targets, policy_datum, stop_token_ids
 from cookbook.recipes.evals import exact_match_eval
 from cookbook.recipes.loop import TrainingLoop
+from cookbook.recipes.losses import group_advantages, grpo_loss_fn
 from cookbook.recipes.rewards import load_reward_fn
+from cookbook.runs.metrics import MetricsLogger
 
 MAX_REFILLS = 2  # extra sampling rounds per step to replace groups without signal
 
@@ -38,7 +40,7 @@ class Rollout:
     sampling_logprobs: list[float]
 
 
-def train(run: RunConfig, session: Any, logger: MetricsLogger) -> dict[str, Any]:
+def train(run: RunConfig, session: Session, logger: MetricsLogger) -> dict[str, Any]:
     cfg: GRPOConfig = run.recipe
     tokenizer = session.tokenizer
     reward_fn = load_reward_fn(cfg.reward_fn)

@@ -25,17 +25,18 @@ import tinker
 from tqdm import tqdm
 
 from cookbook.checkpoints import Checkpointer, promote, read_index
+from cookbook.client.session import Session
+from cookbook.client.weight_sync import should_sync
 from cookbook.config import RunConfig
 from cookbook.datasets.cursor import Batch, DataCursor
 from cookbook.runs.metrics import MetricsLogger
 from cookbook.runs.rundir import read_jsonl
-from cookbook.client.weight_sync import should_sync
 
 Evaluate = Callable[["TrainingLoop"], dict[str, float]]
 
 
 class TrainingLoop:
-    def __init__(self, run: RunConfig, session: Any, logger: MetricsLogger, cursor: DataCursor, *, recipe: str,
+    def __init__(self, run: RunConfig, session: Session, logger: MetricsLogger, cursor: DataCursor, *, recipe: str,
                  batch_size: int, evaluate: Optional[Evaluate] = None, sync_every_step: bool = False):
         self.run, self.cfg, self.session, self.logger = run, run.recipe, session, logger
         self.cursor, self.batch_size, self.evaluate, self.recipe = cursor, batch_size, evaluate, recipe

@@ -80,18 +80,6 @@ def sequence_logprob(logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Ten
     return (logprobs.reshape(-1) * mask).sum()
 
 
-def sequence_logprobs(data: Sequence, logprobs_list: Sequence) -> list[float]:
-    """Per-datum response logprob sums, e.g. from a reference `forward`: ``[sequence_logprob(lp_i, weights_i)]``.
-
-    ``logprobs_list`` items may be tensors or tinker `TensorData` (a forward output's ``["logprobs"]``).
-    """
-    out = []
-    for datum, lp in zip(data, logprobs_list, strict=True):
-        lp = lp.to_torch() if hasattr(lp, "to_torch") else torch.as_tensor(lp)
-        out.append(float(sequence_logprob(lp.detach().double(), datum_weights(datum))))
-    return out
-
-
 def sequence_mean_logprob(logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Mean logprob over the tokens whose weight is > 0 (0 when there are none)."""
     weights = torch.as_tensor(weights, device=logprobs.device).reshape(-1)

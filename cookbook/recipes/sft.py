@@ -10,16 +10,17 @@ from typing import Any
 
 from tqdm import tqdm
 
+from cookbook.client.session import Session
 from cookbook.config import RunConfig, SFTConfig
 from cookbook.datasets.cursor import DataCursor
 from cookbook.datasets.load import load_dataset
-from cookbook.recipes.losses import scale_weights_for_builtin_ce
-from cookbook.runs.metrics import MetricsLogger
 from cookbook.recipes.evals import exact_match_eval
 from cookbook.recipes.loop import TrainingLoop
+from cookbook.recipes.losses import scale_weights_for_builtin_ce
+from cookbook.runs.metrics import MetricsLogger
 
 
-def train(run: RunConfig, session: Any, logger: MetricsLogger) -> dict[str, Any]:
+def train(run: RunConfig, session: Session, logger: MetricsLogger) -> dict[str, Any]:
     cfg: SFTConfig = run.recipe
     max_len = cfg.max_seq_len or run.infra.max_context_length
     data = load_dataset(cfg.dataset, "sft", session.tokenizer, max_len, train_on_what=cfg.train_on_what)

@@ -13,13 +13,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cookbook.config.compose import recipe_name, to_run_config
 from cookbook.config import RunConfig
-from cookbook.errors import InfraError
-from launchers import get_launcher
-from cookbook.runs.metrics import MetricsLogger
+from cookbook.config.compose import recipe_name, to_run_config
 from cookbook.config.preflight import check_credentials
+from cookbook.errors import InfraError
+from cookbook.runs.metrics import MetricsLogger
 from cookbook.runs.rundir import prepare_run_dir, read_status, redact, write_status
+from launchers import get_launcher
 
 
 def run_job(cfg: DictConfig, hydra_cfg: Any) -> dict[str, Any]:
@@ -111,7 +111,8 @@ def platform_failure(run: RunConfig, problem: str, logs_dir: str | None) -> str:
 
 
 def check_inputs(run: RunConfig) -> None:
-    from cookbook.datasets.load import load_rows, resolve_dataset
+    from cookbook.datasets.load import load_rows
+    from cookbook.datasets.rows import resolve_dataset
 
     cfg = run.recipe
     for spec in filter(None, (cfg.dataset, cfg.eval_dataset)):

@@ -6,7 +6,7 @@ Registered in conf/config.yaml under `hydra.callbacks`. Where each hook runs:
 - `on_job_end`: the process that ran the job (the head for basic, a loky worker for joblib, the submitit job);
   it only writes files into the job directory.
 
-Failure handling, given Hydra's semantics (hydra-facts §11):
+Failure handling, given how Hydra treats a failing job and a raising callback:
 - runner.py records a failing job in status.json and returns, so the sweep goes on and Hydra calls
   `on_multirun_end`, which reads every job's status, prints the failures and writes summary.md + PNGs.
 - A job that raises anyway (e.g. a user error caught only at run time) makes Hydra's basic sweeper re-raise at the

@@ -76,9 +76,8 @@ def warmstart_dir(base_model: str, task: str) -> Path:
     """Cache location; the name carries a digest of the build settings, so changing them builds a new one."""
     import hashlib
 
+    from cookbook.datasets.rows import resolve_dataset
     from cookbook.runs.rundir import storage_root
-
-    from cookbook.datasets.load import resolve_dataset
 
     settings = WARMSTART_TASKS[task]
     h = hashlib.sha1(" ".join([base_model, *settings]).encode())
