@@ -7,32 +7,36 @@ Prints, for local-tiny and local-small (batch 8 x 256 tokens):
 Measurements alternate between the compared variants and report medians, because neighbours on a shared machine
 make absolute timings noisy.
 
+The trainer is started the way a local run starts it: the embedded platform (`LocalPlatform`) plus `build_session`
+(a policy trainer job, no deployment, no reference), so the SDK calls take a real run's path through the platform's
+gateway. The trainer gets as many torch threads as this process (COOKBOOK_TORCH_THREADS).
+
     python scripts/bench_trainer.py [--reps 5] [--models local-tiny local-small]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
 from tinker import types  # noqa: E402
 
-from fireworks.training.sdk import FiretitanServiceClient  # noqa: E402
-
 from cookbook import models  # noqa: E402
-from trainer_harness import start_trainer  # noqa: E402
+from cookbook.client.session import build_session  # noqa: E402
+from cookbook.config import InfraConfig, RunConfig, SFTConfig  # noqa: E402
+from cookbook.local.platform import LocalPlatform  # noqa: E402
 
 BATCH, LENGTH = 8, 256
+POLL_INTERVAL_S = 0.05
 
 
 def batch(seed=0):
@@ -59,13 +63,25 @@ def dir_bytes(path: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in path.glob(pattern))
 
 
+@contextlib.contextmanager
+def start_trainer(name: str):
+    """The embedded platform and one policy trainer job on `name`'s training shape, both stopped on exit (however it
+    exits). Yields the SDK's training client and the job's store directory."""
+    cfg = RunConfig(infra=InfraConfig(training_shape_id=f"accounts/local/trainingShapes/{name}",
+                                      trainer_timeout_s=300), recipe=SFTConfig(), base_model=name)
+    with tempfile.TemporaryDirectory() as root, LocalPlatform(root) as platform, contextlib.ExitStack() as stack:
+        session = build_session(cfg, platform.base_url, platform.api_key, needs_reference=False,
+                                needs_deployment=False, stack=stack, log=lambda _: None,
+                                poll_interval_s=POLL_INTERVAL_S)
+        yield session.policy.inner, platform.jobs_root / session.job_id
+
+
 def bench(name: str, reps: int) -> dict[str, float]:
     seqs = batch()
     data = [types.Datum(model_input=types.ModelInput.from_ints(s[:-1].tolist()),
                         loss_fn_inputs={"target_tokens": s[1:].tolist()}) for s in seqs]
     model = models.load_model(name, seed=0)
-    with tempfile.TemporaryDirectory() as root, start_trainer(Path(root), "bench", name, threads=None) as tr:
-        tc = FiretitanServiceClient(base_url=tr.base_url, api_key=tr.api_key).create_training_client(base_model=name)
+    with start_trainer(name) as (tc, store):
         custom = lambda d, lps: (-sum(lp.sum() for lp in lps), {})  # noqa: E731
         sdk_fb = lambda: tc.forward_backward(data, "cross_entropy").result()  # noqa: E731
         sdk_custom = lambda: tc.forward_backward_custom(data, custom).result()  # noqa: E731
@@ -81,8 +97,8 @@ def bench(name: str, reps: int) -> dict[str, float]:
         tc.forward_backward(data, "cross_entropy").result()
         tc.optim_step(types.AdamParams(learning_rate=1e-4)).result()
         delta = tc.save_weights_for_sampler_ext("d", "delta")
-        base_size = dir_bytes(tr.store / "sampler" / base.snapshot_name, "*.safetensors")
-        delta_size = dir_bytes(tr.store / "sampler" / delta.snapshot_name, "delta.bin")
+        base_size = dir_bytes(store / "sampler" / base.snapshot_name, "*.safetensors")
+        delta_size = dir_bytes(store / "sampler" / delta.snapshot_name, "delta.bin")
     med = statistics.median
     return {"torch_s": med(t_torch), "sdk_s": med(t_sdk), "custom_s": med(t_custom),
             "throughput_ratio": med(t_torch) / med(t_sdk), "custom_ratio": med(t_custom) / med(t_sdk),
@@ -94,6 +110,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--models", nargs="+", default=["local-tiny", "local-small"])
     args = p.parse_args()
+    # The trainer computes with as many torch threads as this process (torch's default, as printed below); the
+    # platform's default is 1 per trainer, so say it explicitly. The platform's children inherit this environment.
+    os.environ["COOKBOOK_TORCH_THREADS"] = str(torch.get_num_threads())
     print(f"batch {BATCH} x {LENGTH} tokens, {torch.get_num_threads()} torch threads, median of {args.reps}")
     for name in args.models:
         r = bench(name, args.reps)
