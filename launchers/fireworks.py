@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from cookbook.config import RunConfig
 from cookbook.errors import UserError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # preflight imports this module to check credentials: it must stay import-light
     from cookbook.client.session import Session
 
 DEFAULT_BASE_URL = "https://api.fireworks.ai"

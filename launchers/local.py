@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-from cookbook.client.session import Session, build_session
 from cookbook.config import RunConfig
+
+if TYPE_CHECKING:  # preflight imports this module to check credentials: it must stay import-light
+    from cookbook.client.session import Session
 
 LOCAL_POLL_INTERVAL_S = 0.2
 
@@ -39,6 +41,7 @@ def launch(cfg: RunConfig, *, needs_reference: bool, needs_deployment: bool,
 @contextlib.contextmanager
 def _platform_session(cfg: RunConfig, *, needs_reference: bool, needs_deployment: bool,
                       log: Callable[[str], None]) -> Iterator[Session]:
+    from cookbook.client.session import build_session
     from cookbook.local.platform import LocalPlatform
     from cookbook.runs.rundir import storage_root
 

@@ -24,6 +24,23 @@ def test_cfg_job_prints_the_typed_config_quickly_without_torch():
     assert check.returncode == 0, check.stderr
 
 
+@pytest.mark.parametrize("infra", ["local-tiny", "qwen3-8b-h200"])
+def test_preflight_checks_every_job_without_heavy_imports(tmp_path, infra):
+    """Preflight runs the launcher's credential check and then finds the bad log_path (a file): exit 2, and neither
+    torch, transformers nor the Fireworks SDK was imported on the way."""
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    probe = (f"import sys; sys.argv=['train', '+recipe=sft', 'infra={infra}', 'log_path={not_a_dir}']\n"
+             "from cookbook.train import main\n"
+             "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+             "heavy = sorted(m for m in ('torch', 'transformers', 'fireworks') if m in sys.modules)\n"
+             "print(code, heavy)\n")
+    env = {**os.environ, "FIREWORKS_API_KEY": "fw_test_key"}
+    check = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, env=env)
+    assert check.stdout.strip().splitlines()[-1] == "2 []", check.stdout + check.stderr
+    assert f"log_path={not_a_dir}" in check.stderr
+
+
 def test_help_lists_groups_and_options():
     result = run_cli("--help")
     assert result.returncode == 0
