@@ -7,7 +7,8 @@ the pass criteria (`CRITERIA`) and the table come from scripts/learning_curves.p
 what this asserts:
 
 - SFT: held-out exact match (greedy) >= 0.85 at the end and >= step 0 + 0.6;
-- GRPO, from its warm start: held-out greedy exact match at the end >= step 0 + 0.10, held-out mean reward rises;
+- GRPO, from its warm start: held-out greedy exact match at the end >= step 0 + 0.05 for every seed and
+  >= step 0 + 0.10 on the mean over the seeds, held-out mean reward rises;
 - DPO, ORPO: held-out preference accuracy >= 0.85 at the end and >= step 0 + 0.2.
 
 A proof passes only if all three seeds pass. Each recipe's three runs go in parallel; the time each recipe may take
@@ -34,11 +35,11 @@ _spec.loader.exec_module(lc)
 
 SCALE = float(os.environ.get("COOKBOOK_LEARNING_BUDGET_SCALE", "1"))
 JOBS = int(os.environ.get("COOKBOOK_LEARNING_JOBS", "3"))
-# Seconds per recipe for its three parallel runs on 2 cores, and for building the warm start once: about 1.5x what
-# they took here (warm start ~60 s, SFT 168 s, GRPO 230 s, DPO 198 s, ORPO 177 s; the suite 14 minutes), so that
-# only a real slowdown fails, not a noisy machine.
-BUDGET_S = {"sft": 250, "grpo": 340, "dpo": 300, "orpo": 270}
-WARMSTART_BUDGET_S = 100
+# Seconds per recipe for its three parallel runs on 2 cores, and for building the warm start once: about 1.5x the
+# slowest seen in CI rehearsals on this machine kind (warm start ~60 s, SFT 233 s, GRPO 311 s, DPO 250 s, ORPO 230 s;
+# the suite 14 to 17 minutes), so that only a real slowdown fails, not a noisy machine.
+BUDGET_S = {"sft": 350, "grpo": 470, "dpo": 375, "orpo": 345}
+WARMSTART_BUDGET_S = 150
 
 pytestmark = pytest.mark.learning
 
@@ -76,6 +77,6 @@ def test_recipe_learns_on_held_out_prompts_for_every_seed(recipe, proofs):
     for run in runs:
         assert run.ok, f"{recipe} seed {run.seed} failed:\n{run.output}"
         assert run.steps > 0 and run.start_end(lc.CRITERIA[recipe][0].metric)[0] is not None, report
-    failures = [f"seed {r.seed}: {f}" for r in runs for f in r.failures]
+    failures = [f"seed {r.seed}: {f}" for r in runs for f in r.failures] + lc.seed_mean_verdict(runs)
     assert not failures, "\n".join(failures) + report
     assert took <= BUDGET_S[recipe] * SCALE, f"{recipe}: {took:.0f}s for {len(runs)} runs" + report
