@@ -417,7 +417,8 @@ def test_a_500_step_grpo_run_keeps_storage_bounded(tmp_path):
 
     root, log_path = tmp_path / "platform", tmp_path / "run"
     started = time.monotonic()
-    train(root, log_path, "max_steps=500", "recipe.group_size=2", "recipe.max_completion_tokens=2",
+    # Two epochs: with groups without signal refilled from the data, one epoch of the 2,000 prompts ends near step 450.
+    train(root, log_path, "max_steps=500", "recipe.epochs=2", "recipe.group_size=2", "recipe.max_completion_tokens=2",
           "weight_sync.dcp_save_interval=25", "weight_sync.dcp_keep_last=3", base=GRPO)
     wall = time.monotonic() - started
     last = live(log_path)[-1]
