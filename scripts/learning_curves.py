@@ -57,19 +57,12 @@ class Criterion:
 CRITERIA: dict[str, list[Criterion]] = {
     "sft": [Criterion("end >= 0.85", lambda s, e: e >= 0.85, "eval/exact_match"),
             Criterion("end >= step 0 + 0.6", lambda s, e: e >= s + 0.6, "eval/exact_match")],
-    "grpo": [Criterion("end > step 0", lambda s, e: e > s, "eval/exact_match"),
+    "grpo": [Criterion("end >= step 0 + 0.10", lambda s, e: e >= s + 0.10, "eval/exact_match"),
              Criterion("end > step 0", lambda s, e: e > s, "eval/reward")],
     "dpo": [Criterion("end >= 0.85", lambda s, e: e >= 0.85, "eval/preference_accuracy"),
             Criterion("end >= step 0 + 0.2", lambda s, e: e >= s + 0.2, "eval/preference_accuracy")],
 }
 CRITERIA["orpo"] = CRITERIA["dpo"]
-# Over a recipe's seeds together (the mean of step 0 and of the end values). GRPO is not bit-reproducible (the
-# deployment's batching changes logprobs in the last bits), so one seed's gain moves from run to run of the same
-# command: twelve runs of the three seeds gained +0.040 to +0.313 held-out exact match (one below +0.10), while the
-# mean over the three seeds stayed between +0.151 and +0.252. Each seed must still improve on both metrics.
-SEED_MEAN_CRITERIA: dict[str, Criterion] = {
-    "grpo": Criterion("mean over seeds: end >= step 0 + 0.10", lambda s, e: e >= s + 0.10, "eval/exact_match"),
-}
 
 
 @dataclass
@@ -106,6 +99,8 @@ def env() -> dict[str, str]:
     e = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled"),
          "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     e.setdefault("COOKBOOK_PLATFORM_ROOT", str(ROOT / ".test-platform"))
+    # Runs go in parallel (--jobs): one torch thread per trainer and deployment, not every core for each.
+    e.setdefault("COOKBOOK_TORCH_THREADS", "1")
     return e
 
 
@@ -158,16 +153,6 @@ def verdict(run: Run) -> list[str]:
         elif not c.check(start, end):
             failures.append(f"{c.metric}: {c.text} failed (step 0 {start:.3f}, end {end:.3f})")
     return failures
-
-
-def seed_mean_verdict(runs: list[Run]) -> list[str]:
-    """The recipe's criterion over all its seeds' runs, if it has one (empty: passes)."""
-    c = SEED_MEAN_CRITERIA.get(runs[0].recipe) if runs else None
-    pairs = [run.start_end(c.metric) for run in runs] if c else []
-    if not c or any(s is None or e is None for s, e in pairs):
-        return []  # a run without values already fails its own verdict
-    start, end = (sum(v) / len(v) for v in zip(*pairs))
-    return [] if c.check(start, end) else [f"{c.metric}: {c.text} failed (step 0 {start:.3f}, end {end:.3f})"]
 
 
 def build_warmstart() -> float:
@@ -231,7 +216,6 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     runs: list[Run] = []
-    failed = False
     for recipe in args.recipes:
         if recipe == "grpo" and not any(o.startswith("recipe.init_from=") for o in extra):
             took = build_warmstart()
@@ -244,13 +228,9 @@ def main() -> int:
                   f"  ({run.path})\n{curves(run)}", flush=True)
             if not run.ok:
                 print(run.output)
-        group_failures = seed_mean_verdict(group)
-        for failure in group_failures:
-            print(f"[{recipe}] FAIL: {failure}", flush=True)
-        failed = failed or bool(group_failures)
         runs += group
     print(f"\n{table(runs)}\n\nall runs: {time.perf_counter() - started:.0f} s")
-    return 1 if failed or any(r.failures for r in runs) else 0
+    return 1 if any(r.failures for r in runs) else 0
 
 
 if __name__ == "__main__":

@@ -7,9 +7,7 @@ the pass criteria (`CRITERIA`) and the table come from scripts/learning_curves.p
 what this asserts:
 
 - SFT: held-out exact match (greedy) >= 0.85 at the end and >= step 0 + 0.6;
-- GRPO, from its warm start: held-out greedy exact match and held-out mean reward rise for every seed, and the
-  exact match's mean over the seeds gains >= 0.10 (one seed's gain varies too much run to run for a per-seed
-  0.10: see SEED_MEAN_CRITERIA);
+- GRPO, from its warm start: held-out greedy exact match >= step 0 + 0.10 and held-out mean reward above step 0;
 - DPO, ORPO: held-out preference accuracy >= 0.85 at the end and >= step 0 + 0.2.
 
 A proof passes only if all three seeds pass. Each recipe's three runs go in parallel; the time each recipe may take
@@ -78,6 +76,6 @@ def test_recipe_learns_on_held_out_prompts_for_every_seed(recipe, proofs):
     for run in runs:
         assert run.ok, f"{recipe} seed {run.seed} failed:\n{run.output}"
         assert run.steps > 0 and run.start_end(lc.CRITERIA[recipe][0].metric)[0] is not None, report
-    failures = [f"seed {r.seed}: {f}" for r in runs for f in r.failures] + lc.seed_mean_verdict(runs)
+    failures = [f"seed {r.seed}: {f}" for r in runs for f in r.failures]
     assert not failures, "\n".join(failures) + report
     assert took <= BUDGET_S[recipe] * SCALE, f"{recipe}: {took:.0f}s for {len(runs)} runs" + report
