@@ -9,6 +9,7 @@ which `python -m cookbook.local storage` reads) and removes what crashed saves o
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -18,10 +19,23 @@ if TYPE_CHECKING:  # preflight imports this module to check credentials: it must
     from cookbook.client.session import Session
 
 LOCAL_POLL_INTERVAL_S = 0.2
+THREADS_ENV = "COOKBOOK_TORCH_THREADS"
 
 
 def check_credentials(cfg: RunConfig) -> None:
     """Nothing to check: the embedded platform makes a fresh key for each run."""
+
+
+def torch_threads(cfg: RunConfig) -> int:
+    """Torch threads for each trainer and deployment process of this run ($COOKBOOK_TORCH_THREADS overrides).
+
+    SFT, DPO and ORPO keep one process busy at a time (the trainer during steps; the deployment only to evaluate,
+    between steps), so that process gets every core. A recipe that samples within every step (GRPO) has the driver,
+    the deployment and the trainer working in turns with short overlaps; there one thread each: a multi-threaded
+    step whose neighbour is busy waits on its descheduled threads (on 2 cores 3-30x slower than one thread)."""
+    if os.environ.get(THREADS_ENV):
+        return int(os.environ[THREADS_ENV])
+    return 1 if cfg.recipe.SAMPLES_EVERY_STEP else len(os.sched_getaffinity(0))
 
 
 @contextlib.contextmanager
@@ -41,13 +55,20 @@ def launch(cfg: RunConfig, *, needs_reference: bool, needs_deployment: bool,
 @contextlib.contextmanager
 def _platform_session(cfg: RunConfig, *, needs_reference: bool, needs_deployment: bool,
                       log: Callable[[str], None]) -> Iterator[Session]:
-    from cookbook.client.session import build_session
     from cookbook.local.platform import LocalPlatform
     from cookbook.runs.rundir import storage_root
 
     root = Path(cfg.log_path or "runs/local") / "platform"  # this run's platform logs
+    # The run's policy trainer (and deployment) start in spare processes launched with the control plane: their
+    # imports (~3.5 s each) overlap the driver's own (the SDK, tinker and torch: ~2.5 s, done meanwhile here).
+    spares = ["trainer"] + ["deployment"] * needs_deployment
     with contextlib.ExitStack() as stack:
-        platform = stack.enter_context(LocalPlatform(root, storage=storage_root()))
+        platform = LocalPlatform(root, storage=storage_root(), torch_threads=torch_threads(cfg), spares=spares)
+        stack.push(platform.__exit__)  # stopped however the block exits
+        platform.spawn()
+        from cookbook.client.session import build_session
+
+        platform.wait_started()
         log(f"[launch] local platform at {platform.base_url} (root {platform.root})")
         yield build_session(cfg, platform.base_url, platform.api_key, needs_reference=needs_reference,
                             needs_deployment=needs_deployment, stack=stack, log=log,

@@ -135,6 +135,8 @@ class WandBConfig:
 @dataclass
 class RecipeConfig:
     DATA_KIND: ClassVar[str] = "sft"  # row schema of `dataset` / `eval_dataset` (sft | grpo | preference)
+    # Samples from the deployment within every step (the driver, deployment and trainer then work in turns).
+    SAMPLES_EVERY_STEP: ClassVar[bool] = False
     # Dataset: a JSONL path, or `bundled:<name>` for the toy data shipped in the package.
     dataset: str = MISSING
     # Held-out rows for the evaluation hook (same schema); None = no evaluation.
@@ -238,6 +240,7 @@ class SFTConfig(RecipeConfig):
 @dataclass
 class GRPOConfig(RecipeConfig):
     DATA_KIND: ClassVar[str] = "grpo"
+    SAMPLES_EVERY_STEP: ClassVar[bool] = True
     # Defaults chosen on bundled:grpo_arith_val from the warm start (held-out greedy exact match 0.616): one pass over
     # the 2,000 training prompts (~110 steps) at a peak 3e-4 with cosine decay gained +0.33/+0.35/+0.33 exact match
     # over three seeds; the same peak held constant gained +0.06/+0.22/+0.05 (a noisy end policy), and 6e-4 and 1e-3

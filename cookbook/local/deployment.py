@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from cookbook.local.procs import SNAPSHOT_ROOT_HEADER, KeyAuthMiddleware, serve
+from cookbook.local.procs import SNAPSHOT_ROOT_HEADER, KeyAuthMiddleware, serve, spare_argv
 from cookbook.local.sampling import Batcher, Engine, SeqRequest
 from cookbook.runs.faults import crash_point
 
@@ -402,6 +402,12 @@ def _event(reply: dict[str, Any], choice: dict[str, Any], usage: dict | None = N
     return f"data: {json.dumps(ev)}\n\n"
 
 
+def warm_imports() -> None:
+    """What a spare deployment imports before it is assigned: torch and the transformers model classes."""
+    import torch  # noqa: F401
+    from transformers import Qwen3ForCausalLM  # noqa: F401
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--port", type=int, default=0)
@@ -415,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = p.parse_args(argv if argv is not None else spare_argv(warm_imports))
     api_key = args.api_key or os.environ.get("COOKBOOK_PLATFORM_KEY")
     if not api_key:
         p.error("no API key (--api-key or COOKBOOK_PLATFORM_KEY)")

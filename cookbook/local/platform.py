@@ -19,6 +19,7 @@ import secrets
 import signal
 import subprocess
 from pathlib import Path
+from typing import Sequence
 
 from cookbook.local.procs import python_cmd, spawn, stop_group, wait_port_file
 
@@ -33,13 +34,15 @@ def new_api_key() -> str:
 class LocalPlatform:
     def __init__(self, root_dir: str | os.PathLike, start_timeout_s: float = 60.0,
                  storage: str | os.PathLike | None = None, catalog: str | os.PathLike | None = None,
-                 port: int = 0):
+                 port: int = 0, torch_threads: int | None = None, spares: Sequence[str] = ()):
         self.root = Path(root_dir).resolve()  # this platform's port files and logs
         # Trainer stores and promoted models; shared between platforms so later runs can load earlier checkpoints.
         self.storage = Path(storage).resolve() if storage else self.root
         catalog = catalog or os.environ.get(CATALOG_ENV) or None
         self.catalog = Path(catalog).expanduser().resolve() if catalog else None  # extra shapes and model aliases
         self.port = port  # 0: any free port
+        self.torch_threads = torch_threads  # per trainer / deployment process; None: $COOKBOOK_TORCH_THREADS or 1
+        self.spares = list(spares)  # "trainer" / "deployment": processes to start at once, ahead of their job
         self.api_key = new_api_key()
         self.start_timeout_s = start_timeout_s
         self.base_url: str | None = None
@@ -50,17 +53,31 @@ class LocalPlatform:
         return self.storage / "jobs"
 
     def start(self) -> "LocalPlatform":
+        self.spawn()
+        return self.wait_started()
+
+    def spawn(self) -> "LocalPlatform":
+        """Start the control plane without waiting for it (`wait_started` does), so the caller can do its own
+        start-up meanwhile."""
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "run").mkdir(exist_ok=True)
         port_file = self.root / "run" / "control-plane.port"
         port_file.unlink(missing_ok=True)
         log_file = self.root / "logs" / "control-plane.log"
         env = {**os.environ, "COOKBOOK_PLATFORM_KEY": self.api_key}  # env, not argv: keys stay out of `ps`
+        if self.torch_threads is not None:
+            env["COOKBOOK_TORCH_THREADS"] = str(self.torch_threads)  # the control plane passes it to its children
         cmd = python_cmd("cookbook.local.control_plane", "--root", str(self.root), "--storage", str(self.storage),
                          "--port-file", str(port_file), "--port", str(self.port), "--parent-pid", str(os.getpid()))
         if self.catalog:
             cmd += ["--catalog", str(self.catalog)]
+        for kind in self.spares:
+            cmd += ["--spare", kind]
         self.proc = spawn(cmd, log_file, env)
+        return self
+
+    def wait_started(self) -> "LocalPlatform":
+        port_file, log_file = self.root / "run" / "control-plane.port", self.root / "logs" / "control-plane.log"
         try:
             port = wait_port_file(port_file, self.proc, self.start_timeout_s, "the local control plane", log_file)
         except BaseException:

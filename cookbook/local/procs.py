@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import hmac
+import json
 import os
 import signal
 import socket
@@ -39,7 +40,8 @@ def _child_preexec() -> None:
     set_pdeathsig(signal.SIGTERM)
 
 
-def spawn(cmd: Sequence[str], log_file: str | os.PathLike, env: dict[str, str] | None = None) -> subprocess.Popen:
+def spawn(cmd: Sequence[str], log_file: str | os.PathLike, env: dict[str, str] | None = None,
+          stdin: int = subprocess.DEVNULL) -> subprocess.Popen:
     """Start `cmd` as the leader of a new process group, output appended to `log_file`, dying with this process.
 
     PDEATHSIG fires when the *thread* that forked exits, so call this from a long-lived thread (the main thread or
@@ -49,11 +51,57 @@ def spawn(cmd: Sequence[str], log_file: str | os.PathLike, env: dict[str, str] |
     log = open(log_file, "ab")
     try:
         return subprocess.Popen(
-            list(cmd), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            list(cmd), stdin=stdin, stdout=log, stderr=subprocess.STDOUT,
             env=env, preexec_fn=_child_preexec, process_group=0,
         )
     finally:
         log.close()  # the child holds its own descriptor
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Spare processes: a trainer or deployment started ahead of need, its slow imports done before it has a job
+# ---------------------------------------------------------------------------------------------------------------
+
+SPARE_FLAG = "--spare"
+
+
+def start_spare(module: str, log_file: str | os.PathLike, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`python -m <module> --spare <log_file>`: it imports what it will need, then waits for `assign_spare`. The log
+    path on its command line says whose spare it is (it lies under the platform's root) to anyone scanning /proc."""
+    return spawn(python_cmd(module, SPARE_FLAG, str(log_file)), log_file, env, stdin=subprocess.PIPE)
+
+
+def assign_spare(proc: subprocess.Popen, cmd: Sequence[str], log_file: str | os.PathLike) -> bool:
+    """Hand a waiting spare the command line it would have been started with (`python -m <module> args...`) and the
+    log to write to. False when the spare cannot take it (it died, or runs another module): start `cmd` instead."""
+    if proc.poll() is not None or list(cmd[1:3]) != ["-m", proc.args[2]]:
+        return False
+    try:
+        proc.stdin.write((json.dumps({"argv": list(cmd[3:]), "log_file": str(log_file)}) + "\n").encode())
+        proc.stdin.close()
+    except (BrokenPipeError, ValueError):
+        return False
+    return True
+
+
+def spare_argv(warm: Callable[[], object]) -> list[str] | None:
+    """In a child's `main`: None unless started as a spare. A spare runs `warm` (the imports that are most of its
+    start-up), waits for its command line on stdin, points stdout/stderr at the log it is given, and returns the
+    arguments. It exits when stdin closes first (the control plane retired it or went away)."""
+    if sys.argv[1:2] != [SPARE_FLAG]:
+        return None
+    warm()
+    line = sys.stdin.readline()
+    if not line:
+        sys.exit(0)
+    job = json.loads(line)
+    fd = os.open(job["log_file"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    return job["argv"]
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:

@@ -7,7 +7,7 @@ DCP checkpoints, `sampler/` snapshots), `warmstart/` (cached warm-start models),
 session, because nothing in a job's store says which run directory it belongs to.
 
 A job's state:
-- running: a live trainer process serves that store (its command line names it with `--store`);
+- running: a live trainer process serves that store (it holds the store's serving lock, `.serving.lock`);
 - referenced: a registered run directory still exists and its checkpoints.jsonl points at the job (a checkpoint to
   resume from, a sampler snapshot to promote);
 - orphaned: recorded for a run whose directory is gone, or whose index does not point at it (a failed attempt,
@@ -22,6 +22,7 @@ everywhere (but in running jobs) the hidden temp dirs a crashed save left. Never
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import time
@@ -56,21 +57,33 @@ def jobs_of_run(storage: Path, log_path: str | os.PathLike) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ processes and temp dirs
-def live_stores() -> set[Path]:
-    """Stores a live trainer process serves: the `--store` argument of every live process (read from /proc)."""
-    from cookbook.local.procs import pid_alive
+SERVING_LOCK = ".serving.lock"
 
-    stores = set()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"--store" in argv[:-1] and pid_alive(int(entry)):
-            stores.add(Path(argv[argv.index(b"--store") + 1].decode(errors="replace")).resolve())
-    return stores
+
+def hold_store(store: Path) -> int:
+    """Mark `store` as served by this process for as long as it lives: an exclusive flock on a file in it, which the
+    kernel releases however the process ends. Returns the descriptor; keep it open."""
+    store.mkdir(parents=True, exist_ok=True)
+    fd = os.open(store / SERVING_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a trainer of the same job still shutting down holds it for a moment at most
+    return fd
+
+
+def store_is_live(store: Path) -> bool:
+    """True while a live trainer process serves `store` (holds its serving lock)."""
+    try:
+        fd = os.open(store / SERVING_LOCK, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 def temp_leftovers(store: Path) -> list[Path]:
@@ -92,11 +105,10 @@ def remove_temp_leftovers(store: Path) -> list[Path]:
 def clean_earlier_jobs(storage: Path, log_path: str | os.PathLike) -> list[Path]:
     """The next run of a run directory removes what crashed saves of its earlier trainer jobs left behind (each
     attempt gets a new job, so no trainer ever starts on those stores again). Stores still served are skipped."""
-    live = live_stores()
     removed: list[Path] = []
     for job_id in dict.fromkeys(jobs_of_run(storage, log_path)):
         store = (storage / "jobs" / job_id).resolve()
-        if store not in live:
+        if not store_is_live(store):
             removed += remove_temp_leftovers(store)
     return removed
 
@@ -190,7 +202,6 @@ def _references(storage: Path) -> tuple[dict[str, str], dict[str, dict[str, set[
 
 def survey(storage: Path, *, include_unrecorded: bool = False) -> Survey:
     run_of, refs, why = _references(storage)
-    live = live_stores()
     jobs = []
     jobs_root = storage / "jobs"
     leftovers = []
@@ -206,7 +217,7 @@ def survey(storage: Path, *, include_unrecorded: bool = False) -> Survey:
         ref = refs.get(store.name)
         if ref:
             job.resumable, job.promotable = sorted(ref["checkpoints"], key=_step), sorted(ref["sampler"], key=_step)
-        if store.resolve() in live:
+        if store_is_live(store):
             job.state = "running"
         elif ref:
             job.state = "referenced"

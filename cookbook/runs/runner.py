@@ -77,7 +77,6 @@ def execute(run: RunConfig, recipe: str, logger: MetricsLogger) -> dict[str, Any
         logging.getLogger(name).setLevel(logging.WARNING)
 
     launcher = get_launcher(run.infra.launcher)
-    module = importlib.import_module(f"cookbook.recipes.{recipe}")
     check_inputs(run)  # fail fast on bad data or a bad reward path, before any trainer or deployment starts
     init = plan_init(run.recipe.init_from, run.base_model)
     if init.note:
@@ -88,6 +87,7 @@ def execute(run: RunConfig, recipe: str, logger: MetricsLogger) -> dict[str, Any
     with launcher.launch(provisioned, needs_reference=run.recipe.needs_reference,
                          needs_deployment=run.recipe.needs_deployment) as session:
         session.init_state_path = init.state_path
+        module = importlib.import_module(f"cookbook.recipes.{recipe}")  # after launch: the platform starts meanwhile
         try:
             return module.train(run, session, logger)
         except Exception as exc:

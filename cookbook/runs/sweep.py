@@ -21,6 +21,7 @@ Kept import-light (no matplotlib, no torch): Hydra instantiates this callback fo
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ class SweepSummary(Callback):
         # Resolved here once: `${now:...}` is cached on this config object, which the launcher also uses.
         _state.update(sweep_dir=Path(str(config.hydra.sweep.dir)).resolve(), dry_run=_dry_run(config),
                       finished=False, failed=False)
+        share_cores(int(config.hydra.launcher.get("n_jobs") or 1))
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         try:
@@ -48,6 +50,13 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         finish()
+
+
+def share_cores(jobs_at_once: int) -> None:
+    """Local jobs running side by side split the cores: each job's trainer and deployment get cores / jobs torch
+    threads (set through the environment the workers inherit; a value the user set is kept)."""
+    if jobs_at_once > 1:
+        os.environ.setdefault("COOKBOOK_TORCH_THREADS", str(max(1, len(os.sched_getaffinity(0)) // jobs_at_once)))
 
 
 def _dry_run(config: DictConfig) -> bool:

@@ -27,7 +27,8 @@ class ControlPlane(TrainerJobs, Checkpoints, Deployments):
     """The whole control plane: trainer jobs, their checkpoints and deployments over the shared children."""
 
 
-def build_app(root: Path, api_key: str, storage: Path | None = None, catalog: Catalog | None = None):
+def build_app(root: Path, api_key: str, storage: Path | None = None, catalog: Catalog | None = None,
+              spares: list[str] | None = None):
     cp = ControlPlane(root, api_key, storage, catalog)
 
     async def accounts(request: Request) -> Response:
@@ -42,6 +43,7 @@ def build_app(root: Path, api_key: str, storage: Path | None = None, catalog: Ca
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        cp.start_spares(spares or [])
         try:
             yield
         finally:
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--port-file")
     p.add_argument("--parent-pid", type=int)
+    p.add_argument("--spare", action="append", default=[], choices=["trainer", "deployment"],
+                   help="start a spare process of this kind at once; the next job or deployment of that kind starts "
+                        "in it, its imports already done (repeatable)")
     args = p.parse_args(argv)
     api_key = args.api_key or os.environ.get("COOKBOOK_PLATFORM_KEY")
     if not api_key:
@@ -92,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     except catalog_mod.CatalogError as e:
         sys.exit(f"control plane: {e}")
     app, cp = build_app(Path(args.root).resolve(), api_key, Path(args.storage).resolve() if args.storage else None,
-                        cat)
+                        cat, args.spare)
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown (lifespan stops the children); SIGHUP would not be.
     signal.signal(signal.SIGHUP, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
     try:

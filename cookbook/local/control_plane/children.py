@@ -23,8 +23,10 @@ from starlette.responses import Response, StreamingResponse
 from cookbook.local import catalog as catalog_mod
 from cookbook.local.catalog import Catalog
 from cookbook.local.control_plane.validation import ACCOUNT, JOB_NAME, MODEL_NAME, ApiError, _error, _now
-from cookbook.local.procs import SNAPSHOT_ROOT_HEADER, python_cmd, spawn, stop_group
+from cookbook.local.procs import SNAPSHOT_ROOT_HEADER, assign_spare, python_cmd, spawn, start_spare, stop_group
 from cookbook.models import EMBEDDED_MODELS
+
+CHILD_MODULES = {"trainer": "cookbook.local.trainer", "deployment": "cookbook.local.deployment"}
 
 HOP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "te", "upgrade",
                "proxy-authorization", "proxy-connection", "trailer"}
@@ -46,10 +48,9 @@ class Child:
 
 
 def torch_threads() -> str:
-    """CPU threads per trainer / deployment process. The driver, a trainer and a deployment share the machine:
-    with torch's default (all cores each) they oversubscribe it, and on 2 cores a busy neighbour made 2-thread steps
-    3-30x slower than 1-thread ones (the embedded models are small, so one thread loses little when idle).
-    COOKBOOK_TORCH_THREADS overrides; 0 = torch's default."""
+    """CPU threads per trainer / deployment process: $COOKBOOK_TORCH_THREADS (0 = torch's default), which the local
+    launcher sets per run (`launchers/local.torch_threads`); 1 when unset, e.g. under `python -m cookbook.local
+    serve`, where nothing says how many processes will share the machine."""
     return os.environ.get("COOKBOOK_TORCH_THREADS", "1")
 
 
@@ -62,6 +63,7 @@ class ControlPlaneBase:
         self.api_key = api_key
         self.catalog = catalog or catalog_mod.builtin()
         self.jobs: dict[str, Child] = {}
+        self.spares: list[tuple[str, subprocess.Popen, Path]] = []  # (kind, process, its log) waiting for a child
         self.deployments: dict[str, Child] = {}
         # Every trainer call and completion passes through here. httpx's own async pool scans all idle connections
         # for each queued request (a GRPO step's 128 concurrent completions spent most of their time there); the
@@ -76,14 +78,32 @@ class ControlPlaneBase:
             (self.storage / sub).mkdir(parents=True, exist_ok=True)
 
     # -- children ------------------------------------------------------------------------------------------------
+    def start_spares(self, kinds: list[str]) -> None:
+        """Start one spare process per entry of `kinds` ("trainer" / "deployment"): it does the imports that are most
+        of a child's start-up (~3.5 s of torch and transformers on 2 cores) while the driver is still starting, and
+        the next job or deployment of its kind starts in it. Call from the event-loop thread (PDEATHSIG)."""
+        for i, kind in enumerate(kinds):
+            log_file = self.root / "logs" / f"{kind}-spare-{i}.log"
+            self.spares.append((kind, start_spare(CHILD_MODULES[kind], log_file, self._key_env()), log_file))
+
     def _start(self, child: Child, cmd: list[str], env: dict[str, str] | None = None) -> None:
         """Spawn from the event-loop (main) thread so PDEATHSIG ties the child to this process's lifetime."""
         child.port_file = self.root / "run" / f"{child.kind}-{child.id}.port"
         child.port_file.unlink(missing_ok=True)
         child.log_file = self.root / "logs" / f"{child.kind}-{child.id}.log"
         child.port = None
-        child.proc = spawn(cmd, child.log_file, env)
+        child.proc = self._take_spare(child.kind, cmd, child.log_file) or spawn(cmd, child.log_file, env)
         child.watcher = asyncio.get_running_loop().create_task(self._watch(child))
+
+    def _take_spare(self, kind: str, cmd: list[str], log_file: Path) -> subprocess.Popen | None:
+        for entry in [e for e in self.spares if e[0] == kind]:
+            self.spares.remove(entry)
+            _, proc, spare_log = entry
+            if assign_spare(proc, cmd, log_file):
+                spare_log.unlink(missing_ok=True)  # its own log held only its imports
+                return proc
+            stop_group(proc)
+        return None
 
     async def _watch(self, child: Child) -> None:
         ready_state = "JOB_STATE_RUNNING" if child.kind == "trainer" else "READY"
@@ -115,13 +135,16 @@ class ControlPlaneBase:
     def stop_all(self) -> None:
         for child in [*self.deployments.values(), *self.jobs.values()]:
             self._stop(child)
+        for _, proc, _ in self.spares:
+            stop_group(proc)
+        self.spares.clear()
 
     def job_store(self, job_id: str) -> Path:
         return self.storage / "jobs" / job_id
 
     def _trainer_cmd(self, job: Child) -> list[str]:
         cfg = job.record["trainingConfig"]
-        cmd = python_cmd("cookbook.local.trainer", "--host", "127.0.0.1", "--port", "0", "--port-file",
+        cmd = python_cmd(CHILD_MODULES["trainer"], "--host", "127.0.0.1", "--port", "0", "--port-file",
                          str(self.root / "run" / f"trainer-{job.id}.port"),
                          "--store", str(self.job_store(job.id)), "--job-id", job.id, "--base-model", cfg["baseModel"],
                          "--parent-pid", str(os.getpid()))
@@ -134,7 +157,7 @@ class ControlPlaneBase:
         return cmd + ["--threads", torch_threads()]
 
     def _deployment_cmd(self, dep: Child) -> list[str]:
-        cmd = python_cmd("cookbook.local.deployment", "--port-file",
+        cmd = python_cmd(CHILD_MODULES["deployment"], "--port-file",
                          str(self.root / "run" / f"deployment-{dep.id}.port"),
                          "--base-model", dep.record["baseModel"], "--parent-pid", str(os.getpid()))
         if dep.source != dep.record["baseModel"]:

@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from cookbook import models
 from cookbook.local.procs import KeyAuthMiddleware
-from cookbook.local.storage import remove_temp_leftovers
+from cookbook.local.storage import hold_store, remove_temp_leftovers
 from cookbook.local.trainer.checkpoints import Store, check_name, weights_info
 from cookbook.local.trainer.engine import TrainModel
 from cookbook.local.trainer.losses import UserRequestError
@@ -62,7 +62,9 @@ class TrainerService:
         self._ids = itertools.count(1)
         self._tokenizers: dict[str, Any] = {}
         # A trainer starting on a store is its only writer: what a crashed save left there (hidden temp dirs) can go.
-        # This is how a resumed job (`:resume` after its trainer died) cleans up after itself.
+        # This is how a resumed job (`:resume` after its trainer died) cleans up after itself. The serving lock tells
+        # storage cleanup that the store is in use (a trainer's command line need not name its store: see spares).
+        self._serving = hold_store(store.root)
         for leftover in remove_temp_leftovers(store.root):
             log.info("removed %s, left by an unfinished save", leftover)
         # Warm the compute thread (model classes import in ~4 s) while the client is still connecting.
