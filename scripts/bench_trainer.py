@@ -2,6 +2,10 @@
 
 Prints, for local-tiny and local-small (batch 8 x 256 tokens):
   - forward_backward throughput through the tinker SDK / a plain torch loop on the same model and batch (goal >= 0.9)
+  - a default SFT step (a batch of 64 bundled rows: forward_backward + optim_step sent together and the next step's
+    pair sent before this one's results are read, as the recipe does) against the same step in plain torch (forward,
+    backward, AdamW): the share of the step spent outside compute (serialization, HTTP, the SDK; goal <= 10 % at
+    local-tiny)
   - forward_backward_custom step time / built-in cross_entropy step time (goal <= 1.1)
   - delta sampler snapshot size / base snapshot size after one optimizer step
 Measurements alternate between the compared variants and report medians, because neighbours on a shared machine
@@ -36,6 +40,7 @@ from cookbook.config import InfraConfig, RunConfig, SFTConfig  # noqa: E402
 from cookbook.local.platform import LocalPlatform  # noqa: E402
 
 BATCH, LENGTH = 8, 256
+SFT_STEPS = 5  # SFT steps per timing through the SDK (steps overlap as in the recipe)
 POLL_INTERVAL_S = 0.05
 
 
@@ -51,6 +56,32 @@ def torch_step(model, seqs):
                                             reduction="none")
     (-lp.sum()).backward()
     model.zero_grad(set_to_none=True)
+
+
+def sft_batch(tokenizer) -> list:
+    from cookbook.datasets.load import load_dataset
+
+    data = load_dataset("bundled:sft_arith_train", "sft", tokenizer, 10**6)
+    return [data.items[i] for i in range(64)]
+
+
+def torch_sft_step(model, optimizer, datums):
+    """What the trainer computes for one SFT step: weighted CE over the right-padded batch, backward, AdamW."""
+    width = max(d.model_input.length for d in datums)
+    ids = torch.zeros(len(datums), width, dtype=torch.long)
+    tgt = torch.zeros(len(datums), width, dtype=torch.long)
+    w = torch.zeros(len(datums), width)
+    for i, d in enumerate(datums):
+        n = d.model_input.length
+        ids[i, :n] = torch.tensor(d.model_input.to_ints())
+        tgt[i, :n] = d.loss_fn_inputs["target_tokens"].to_torch()
+        w[i, :n] = d.loss_fn_inputs["weights"].to_torch()
+    logits = model(input_ids=ids, use_cache=False).logits.float()
+    lp = -torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none")
+    (-(lp * w.reshape(-1)).sum() / w.sum()).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def timed(fn):
@@ -93,6 +124,25 @@ def bench(name: str, reps: int) -> dict[str, float]:
             t_sdk.append(timed(sdk_fb))
             t_custom.append(timed(sdk_custom))
         tc.optim_step(types.AdamParams(learning_rate=0)).result()  # drop the accumulated grads
+        rows = sft_batch(models.load_tokenizer(name))
+        adam = types.AdamParams(learning_rate=1e-5, grad_clip_norm=1.0)
+
+        def sdk_sft_step():
+            """SFT_STEPS steps as the recipe sends them: each step's forward_backward + optim_step together, the next
+            step's pair sent before this step's results are read. Returns nothing; timed per step by the caller."""
+            in_flight = [(tc.forward_backward(rows, "cross_entropy"), tc.optim_step(adam))]
+            for i in range(SFT_STEPS):
+                if i + 1 < SFT_STEPS:
+                    in_flight.append((tc.forward_backward(rows, "cross_entropy"), tc.optim_step(adam)))
+                fb, step = in_flight.pop(0)
+                fb.result(), step.result()
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-12, foreach=False)
+        t_sft_sdk, t_sft_torch = [], []
+        for rep in range(reps + 1):  # the first of each is a warm-up
+            t_sft_sdk.append(timed(sdk_sft_step) / SFT_STEPS)
+            t_sft_torch.append(timed(lambda: torch_sft_step(model, optimizer, rows)))
+        t_sft_sdk, t_sft_torch = t_sft_sdk[1:], t_sft_torch[1:]
         base = tc.save_weights_for_sampler_ext("b", "base")
         tc.forward_backward(data, "cross_entropy").result()
         tc.optim_step(types.AdamParams(learning_rate=1e-4)).result()
@@ -102,7 +152,9 @@ def bench(name: str, reps: int) -> dict[str, float]:
     med = statistics.median
     return {"torch_s": med(t_torch), "sdk_s": med(t_sdk), "custom_s": med(t_custom),
             "throughput_ratio": med(t_torch) / med(t_sdk), "custom_ratio": med(t_custom) / med(t_sdk),
-            "delta_ratio": delta_size / base_size, "base_bytes": base_size, "delta_bytes": delta_size}
+            "delta_ratio": delta_size / base_size, "base_bytes": base_size, "delta_bytes": delta_size,
+            "sft_sdk_s": med(t_sft_sdk), "sft_torch_s": med(t_sft_torch),
+            "sft_overhead": 1 - med(t_sft_torch) / med(t_sft_sdk)}
 
 
 def main() -> None:
@@ -119,7 +171,9 @@ def main() -> None:
         print(f"{name}: fwd_bwd torch {r['torch_s'] * 1e3:.0f} ms, SDK {r['sdk_s'] * 1e3:.0f} ms "
               f"-> SDK/torch throughput {r['throughput_ratio']:.2f} (goal >= 0.9); "
               f"custom {r['custom_s'] * 1e3:.0f} ms -> custom/CE time {r['custom_ratio']:.2f} (goal <= 1.1); "
-              f"delta/base size {r['delta_ratio']:.2f} ({r['delta_bytes']} / {r['base_bytes']} bytes)")
+              f"delta/base size {r['delta_ratio']:.2f} ({r['delta_bytes']} / {r['base_bytes']} bytes); "
+              f"SFT step SDK {r['sft_sdk_s'] * 1e3:.0f} ms, torch {r['sft_torch_s'] * 1e3:.0f} ms -> outside compute "
+              f"{r['sft_overhead']:.0%} of the step (goal <= 10 % at local-tiny)")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,19 @@ class ReconnectableClient:
         return self._wait(self._inner.optim_step(params, grad_accumulation_normalization=grad_accumulation_normalization),
                           timeout)
 
+    # -- pipelined (not in the spec's surface) ---------------------------------------------------------------------
+    # The trainer runs a model's operations in the order they were sent, so an operation sent before the previous
+    # one finished starts the moment it does: `submit_forward_backward` then `submit_optim_step`, then wait for
+    # both, saves a round trip per step. Each returns a `Pending` whose `result()` waits like the blocking call.
+    def submit_forward_backward(self, data: list[tinker.Datum], loss_fn: str = "cross_entropy",
+                                loss_fn_config: dict | None = None) -> "Pending":
+        return Pending(self._inner.forward_backward(data, loss_fn, loss_fn_config), self.default_timeout)
+
+    def submit_optim_step(self, params: tinker.AdamParams,
+                          grad_accumulation_normalization: str | None = None) -> "Pending":
+        return Pending(self._inner.optim_step(params, grad_accumulation_normalization=grad_accumulation_normalization),
+                       self.default_timeout)
+
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save_state(self, name: str, timeout: float = 2700):
         """DCP checkpoint (weights + optimizer + step) in the trainer's store; returns the server's reply."""
@@ -138,6 +151,16 @@ class ReconnectableClient:
                     close()
             except Exception:  # best effort at teardown
                 pass
+
+
+class Pending:
+    """An operation already sent to the trainer; `result()` blocks for at most the client's default timeout."""
+
+    def __init__(self, future: Any, timeout: float):
+        self._future, self._timeout = future, timeout
+
+    def result(self, timeout: float | None = None) -> Any:
+        return self._future.result(timeout=self._timeout if timeout is None else timeout)
 
 
 def call_with_deadline(timeout: float, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -57,6 +57,7 @@ class TrainingLoop:
         self.metrics: dict[str, Any] = {}
         self.epoch = cursor.epoch
         self._last_eval: Optional[tuple[int, dict[str, float]]] = None  # (step, metrics) of the latest evaluation
+        self._prefetched: Optional[Batch] = None  # the next step's batch, handed out early (`prefetch_batch`)
         if point.source:
             tqdm.write(f"[{recipe}] resumed from {point.source} at step {self.step}")
 
@@ -74,14 +75,23 @@ class TrainingLoop:
         return cfg.learning_rate * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * shape)
 
     def optim_step(self) -> dict[str, float]:
+        return self.submit_optim_step()()
+
+    def submit_optim_step(self, step: Optional[int] = None) -> Callable[[], dict[str, float]]:
+        """Send the optimizer step of `step` (default: this one; 0-based like `self.step`) now, behind whatever was
+        sent before it; the returned function waits for it and gives its metrics."""
         cfg = self.cfg
-        params = tinker.AdamParams(learning_rate=self.learning_rate(), beta1=cfg.beta1, beta2=cfg.beta2, eps=cfg.eps,
-                                   weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
-        started = time.perf_counter()
-        result = self.session.policy.optim_step(params, grad_accumulation_normalization=cfg.normalization)
-        self.metrics["perf/optim_step_time"] = time.perf_counter() - started
-        self.metrics["train/lr"] = params.learning_rate
-        return {f"train/{k.split(':')[0]}": v for k, v in (getattr(result, "metrics", None) or {}).items()}
+        params = tinker.AdamParams(learning_rate=self.learning_rate(step), beta1=cfg.beta1, beta2=cfg.beta2,
+                                   eps=cfg.eps, weight_decay=cfg.weight_decay, grad_clip_norm=cfg.grad_clip_norm)
+        pending = self.session.policy.submit_optim_step(params, grad_accumulation_normalization=cfg.normalization)
+
+        def wait() -> dict[str, float]:
+            started = time.perf_counter()  # the time the step adds after what was waited for before it
+            result = pending.result()
+            self.metrics["perf/optim_step_time"] = time.perf_counter() - started
+            self.metrics["train/lr"] = params.learning_rate
+            return {f"train/{k.split(':')[0]}": v for k, v in (getattr(result, "metrics", None) or {}).items()}
+        return wait
 
     def sampling_seed(self, index: int) -> int:
         """A seed per (run seed, step, request): identical in a resumed run and an uninterrupted one."""
@@ -99,7 +109,7 @@ class TrainingLoop:
                    file=sys.stderr, mininterval=1.0)
         try:
             while self.step < self.total_steps:
-                batch = self.cursor.next_batch(self.batch_size)
+                batch, self._prefetched = self._prefetched or self.cursor.next_batch(self.batch_size), None
                 if not batch.indices:
                     break
                 self.epoch = batch.epoch
@@ -112,6 +122,27 @@ class TrainingLoop:
         finally:
             bar.close()
 
+    def prefetch_batch(self) -> Optional[Batch]:
+        """The next step's batch, handed out early so a recipe can send the next step's work before this step's
+        results are back (the trainer then never waits for the driver). Only when nothing happens on the trainer
+        between the two steps — no weight sync, DCP save or evaluation after this one, and it is not the last — so
+        a checkpoint's data position and weights are always those of its own step. None otherwise."""
+        after = self.step + 1  # the step number this one ends with
+        if self._prefetched is not None or after >= self.total_steps or self._trainer_work_after(after):
+            return None
+        batch = self.cursor.next_batch(self.batch_size)
+        self._prefetched = batch if batch.indices else None
+        return self._prefetched
+
+    def _trainer_work_after(self, step: int) -> dict[str, bool]:
+        """What the loop does on the trainer after optimizer step `step` (1-based), other than at the end."""
+        ws, last = self.run.weight_sync, step >= self.total_steps
+        return {name: due for name, due in (
+            ("weight_sync", self.sync_every_step and should_sync(step, ws) and not last),
+            ("dcp_save", bool(ws.dcp_save_interval) and step % ws.dcp_save_interval == 0 and not last),
+            ("eval", bool(self.evaluate and self.cfg.eval_interval) and step % self.cfg.eval_interval == 0
+             and not last)) if due}
+
     def record(self, metrics: dict[str, Any]) -> None:
         self.metrics.update(metrics)
 
@@ -119,15 +150,14 @@ class TrainingLoop:
         return _Timer(self.metrics, f"perf/{name}_time")
 
     def _after_step(self, started: float) -> None:
-        m, ws = self.metrics, self.run.weight_sync
-        if self.sync_every_step and should_sync(self.step, ws) and self.step < self.total_steps:
+        m, due = self.metrics, self._trainer_work_after(self.step)
+        if "weight_sync" in due:
             with self.timed("weight_sync"):
                 self.sync_deployment(f"sync-{self.step}")  # not step-N: that is the final checkpoint's name
-        if ws.dcp_save_interval and self.step % ws.dcp_save_interval == 0 and self.step < self.total_steps:
+        if "dcp_save" in due:
             with self.timed("dcp_save"):
                 self.checkpointer.save(self.step, self.cursor.state_dict())
-        if (self.evaluate and self.cfg.eval_interval and self.step % self.cfg.eval_interval == 0
-                and self.step < self.total_steps):
+        if "eval" in due:
             with self.timed("eval"):
                 m.update(self.evaluate_now())
         m["perf/step_time"] = time.perf_counter() - started

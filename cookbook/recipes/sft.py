@@ -1,7 +1,9 @@
 """Supervised fine-tuning: weighted cross-entropy on assistant turns.
 
 Per step: a batch of rendered rows → one `forward_backward` with the built-in cross-entropy (weights scaled so the
-loss is the per-token mean unless the trainer normalizes) → `optim_step`.
+loss is the per-token mean unless the trainer normalizes) → `optim_step`, sent together so the trainer runs them
+back to back; between steps where nothing else happens on the trainer, the next step's pair is sent before this
+step's results are back, so the trainer never waits for the driver.
 """
 
 from __future__ import annotations
@@ -31,15 +33,25 @@ def train(run: RunConfig, session: Session, logger: MetricsLogger) -> dict[str, 
 
     cursor = DataCursor(len(data), cfg.epochs, cfg.shuffle, run.seed, data.valid)
     loop = TrainingLoop(run, session, logger, cursor, recipe="sft", batch_size=cfg.batch_size, evaluate=evaluate)
+
+    def send(indices: list[int], step: int) -> tuple[Any, Any]:
+        """forward_backward + optim_step of one step, sent together: the trainer runs them back to back."""
+        datums = scale_weights_for_builtin_ce([data.items[i] for i in indices], cfg.normalization)
+        return session.policy.submit_forward_backward(datums, "cross_entropy"), loop.submit_optim_step(step)
+
+    sent = None  # this step's requests when the previous step already sent them
     for batch in loop.steps():
-        datums = [data.items[i] for i in batch.indices]
         with loop.timed("fwd_bwd"):
-            out = session.policy.forward_backward(scale_weights_for_builtin_ce(datums, cfg.normalization),
-                                                  "cross_entropy")
-        loop.record(loop.optim_step())
+            pending, optim_step = sent or send(batch.indices, loop.step)
+            # The next step's requests go out before this step's results are back, so the trainer starts on them
+            # at once (only between steps where the loop does nothing on the trainer: see prefetch_batch).
+            upcoming = loop.prefetch_batch()
+            sent = send(upcoming.indices, loop.step + 1) if upcoming else None
+            out = pending.result()
+        loop.record(optim_step())
 
         loss_sum = tokens = 0.0
-        for datum, output in zip(datums, out.loss_fn_outputs):
+        for datum, output in zip((data.items[i] for i in batch.indices), out.loss_fn_outputs):
             weights = datum.loss_fn_inputs["weights"].to_torch()
             loss_sum += float(-(output["logprobs"].to_torch() * weights).sum())
             tokens += float(weights.sum())
