@@ -91,9 +91,9 @@ def warmstart_dir(base_model: str, task: str) -> Path:
 
 def ensure_warmstart(base_model: str, task: str) -> Path:
     """The cached warm-start model, built with this project's SFT recipe the first time it is needed. It is one
-    fixed artifact per (model, task) — built with seed 0 whatever the run's seed — like a shipped checkpoint: a run's
-    seed varies its own data order and sampling, not the model it starts from (per-seed warm starts would cost a
-    build per seed, and would test SFT's seed sensitivity, which the SFT proof already covers)."""
+    fixed artifact per (model, task) — built with seed 0 and one torch thread whatever the run's — like a shipped
+    checkpoint: a run's seed varies its own data order and sampling, not the model it starts from (per-seed warm
+    starts would cost a build per seed, and would test SFT's seed sensitivity, which the SFT proof already covers)."""
     target = warmstart_dir(base_model, task)
     if (target / "config.json").exists():
         return target
@@ -102,7 +102,10 @@ def ensure_warmstart(base_model: str, task: str) -> Path:
     print(f"[warmstart] building {target.name} with the SFT recipe (first use only) ...", file=sys.stderr)
     cmd = [sys.executable, "-m", "cookbook.train", "+recipe=sft", f"base_model={base_model}", "seed=0",
            f"log_path={work / 'run'}", f"recipe.output_model_id=warmstart-{os.getpid()}", *WARMSTART_TASKS[task]]
-    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # One torch thread whatever the machine or the caller's setting: thread counts change float sums in the last
+    # bits, and over a few hundred steps that is a different model; the artifact must be the same everywhere.
+    env = {**os.environ, "COOKBOOK_TORCH_THREADS": "1"}
+    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"building the warm start failed (exit {result.returncode}):\n{result.stdout[-3000:]}")
     from cookbook.runs.rundir import read_status
