@@ -134,14 +134,15 @@ class TrainingLoop:
         self._prefetched = batch if batch.indices else None
         return self._prefetched
 
-    def _trainer_work_after(self, step: int) -> dict[str, bool]:
+    def _trainer_work_after(self, step: int) -> set[str]:
         """What the loop does on the trainer after optimizer step `step` (1-based), other than at the end."""
-        ws, last = self.run.weight_sync, step >= self.total_steps
-        return {name: due for name, due in (
-            ("weight_sync", self.sync_every_step and should_sync(step, ws) and not last),
-            ("dcp_save", bool(ws.dcp_save_interval) and step % ws.dcp_save_interval == 0 and not last),
-            ("eval", bool(self.evaluate and self.cfg.eval_interval) and step % self.cfg.eval_interval == 0
-             and not last)) if due}
+        ws = self.run.weight_sync
+        if step >= self.total_steps:
+            return set()  # the end: finish() does its own evaluation and checkpoint
+        due = {"weight_sync": self.sync_every_step and should_sync(step, ws),
+               "dcp_save": bool(ws.dcp_save_interval) and step % ws.dcp_save_interval == 0,
+               "eval": bool(self.evaluate and self.cfg.eval_interval) and step % self.cfg.eval_interval == 0}
+        return {name for name, is_due in due.items() if is_due}
 
     def record(self, metrics: dict[str, Any]) -> None:
         self.metrics.update(metrics)
