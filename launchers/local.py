@@ -73,4 +73,4 @@ def _platform_session(cfg: RunConfig, *, needs_reference: bool, needs_deployment
         yield build_session(cfg, platform.base_url, platform.api_key, needs_reference=needs_reference,
                             needs_deployment=needs_deployment, stack=stack, log=log,
                             poll_interval_s=LOCAL_POLL_INTERVAL_S, platform_root=str(platform.storage),
-                            logs_dir=str(platform.root / "logs"))
+                            logs_dir=str(platform.root / "logs"), warm_up_after_sync=False)

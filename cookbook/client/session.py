@@ -180,8 +180,11 @@ def _deployment_shape(cfg: RunConfig, profile: "TrainingShapeProfile") -> str | 
 
 def build_session(cfg: RunConfig, base_url: str, api_key: str, *, needs_reference: bool, needs_deployment: bool,
                   stack: contextlib.ExitStack, log: Callable[[str], None] = print, poll_interval_s: float = 5.0,
-                  platform_root: str | None = None, logs_dir: str | None = None) -> Session:
-    """Create the run's trainer job(s), clients, deployment and syncer; register their teardown on `stack`."""
+                  platform_root: str | None = None, logs_dir: str | None = None,
+                  warm_up_after_sync: bool = True) -> Session:
+    """Create the run's trainer job(s), clients, deployment and syncer; register their teardown on `stack`.
+    `warm_up_after_sync=False` drops the SDK's completion after each hot load: for a deployment that answers the
+    hot load only once it serves the new weights (the embedded one), it only costs time."""
     from fireworks.training.sdk import (
         DeploymentManager,
         DeploymentSampler,
@@ -273,7 +276,9 @@ def build_session(cfg: RunConfig, base_url: str, api_key: str, *, needs_referenc
         stack.callback(sampler.close)
         syncer = WeightSyncer(policy_client=policy, deploy_mgr=deploy_mgr, deployment_id=deployment_id,
                               base_model=deployment_base_model, hotload_timeout=ws.weight_sync_timeout,
-                              first_checkpoint_type=ws.first_checkpoint_type, lora_rank=lora_rank)
+                              first_checkpoint_type=ws.first_checkpoint_type, lora_rank=lora_rank,
+                              warmup_after_hotload=warm_up_after_sync)
+        stack.callback(syncer.close)
     return Session(policy=policy, reference=reference, sampler=sampler, weight_syncer=syncer, tokenizer=tokenizer,
                    base_model=cfg.base_model, job_id=job_id, rlor_mgr=rlor_mgr, deploy_mgr=deploy_mgr,
                    deployment_id=deployment_id, reference_job_id=ref_job_id, platform_root=platform_root,

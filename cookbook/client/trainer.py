@@ -139,9 +139,13 @@ class ReconnectableClient:
         (a sampler snapshot, named by its snapshot name). Not in the spec's surface: checkpoint retention needs it.
         It is tinker 0.23's REST call (DELETE /api/v1/training_runs/{model_id}/checkpoints/{checkpoint_id}) through
         the SDK's own REST client; raises on failure (the embedded trainer answers 404 for an unknown name)."""
+        self.submit_delete_checkpoint(checkpoint_id).result(timeout)
+
+    def submit_delete_checkpoint(self, checkpoint_id: str) -> "Pending":
+        """`delete_checkpoint` without waiting for the answer."""
         if self._rest is None:
             self._rest = self._service.create_rest_client()
-        self._wait(self._rest.delete_checkpoint(self._inner.model_id, checkpoint_id), timeout)
+        return Pending(self._rest.delete_checkpoint(self._inner.model_id, checkpoint_id), self.default_timeout)
 
     def close(self) -> None:
         """Release the SDK session (its heartbeat thread); the trainer job itself keeps running."""

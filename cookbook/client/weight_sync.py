@@ -9,24 +9,27 @@ Retention: once the deployment has loaded a new snapshot, the one it held before
 storage. Nothing can read it any more: the deployment applies the next delta to the weights it holds in memory
 (the delta names the snapshot it now holds, which is kept), and the trainer computes that delta against its own
 in-memory copy of its last export. Only snapshots this syncer saved are deleted — never the checkpointer's final,
-promotable snapshots — and a snapshot saved but never loaded stays. Deletion is best effort (`cookbook.runs.retention`).
+promotable snapshots — and a snapshot saved but never loaded stays. Deletion is best effort
+(`cookbook.runs.retention`) and not waited for within the sync; the session calls `close()` at the end.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 from fireworks.training.sdk import weight_syncer as _sdk
 
 from cookbook.config import WeightSyncConfig
-from cookbook.runs.retention import discard
+from cookbook.runs.retention import discard_soon
 
 
 @dataclass
 class WeightSyncer(_sdk.WeightSyncer):
     _saved: set = field(default_factory=set, init=False, repr=False)  # snapshot names this syncer saved
     _held: str | None = field(default=None, init=False, repr=False)  # what the deployment holds by our last load
+    _deleting: Callable[[], bool] | None = field(default=None, init=False, repr=False)  # discard_soon's wait
 
     def save_only(self, name: str, checkpoint_type: str | None = None) -> str:
         """Save a sampler snapshot without loading it; returns its hot-load identity."""
@@ -54,11 +57,19 @@ class WeightSyncer(_sdk.WeightSyncer):
         return snapshot
 
     def _loaded(self, snapshot: str) -> None:
-        """The deployment now serves `snapshot`: the one it held before is no longer needed by anything."""
+        """The deployment now serves `snapshot`: the one it held before is no longer needed by anything. Its
+        deletion is sent now and its answer collected at the next sync (or `close`), off the training step."""
+        self.close()
         previous, self._held = self._held, snapshot
         if previous and previous != snapshot and previous in self._saved:
             self._saved.discard(previous)
-            discard(self.policy_client, f"sampler_weights/{previous}")
+            self._deleting = discard_soon(self.policy_client, f"sampler_weights/{previous}")
+
+    def close(self) -> None:
+        """Wait for the answer to the last deletion this syncer sent."""
+        deleting, self._deleting = self._deleting, None
+        if deleting is not None:
+            deleting()
 
 
 def should_sync(step: int, cfg: WeightSyncConfig) -> bool:

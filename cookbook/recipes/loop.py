@@ -155,6 +155,9 @@ class TrainingLoop:
         if "weight_sync" in due:
             with self.timed("weight_sync"):
                 self.sync_deployment(f"sync-{self.step}")  # not step-N: that is the final checkpoint's name
+            timing = self.session.weight_syncer.last_timing  # the SDK's split: trainer export, then hot load (+ wait)
+            m["perf/weight_sync_save_time"] = timing.get("save_time_s", 0.0)
+            m["perf/weight_sync_load_time"] = timing.get("hotload_time_s", 0.0) + timing.get("warmup_time_s", 0.0)
         if "dcp_save" in due:
             with self.timed("dcp_save"):
                 self.checkpointer.save(self.step, self.cursor.state_dict())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 DELETE_TIMEOUT_S = 30.0
 
@@ -35,14 +35,38 @@ def _state(client: Any) -> _ClientState:
 
 def discard(client: Any, checkpoint_id: str) -> bool:
     """Delete `checkpoint_id` (`weights/<name>` or `sampler_weights/<name>`) of `client`'s model; True when done."""
+    return discard_soon(client, checkpoint_id)()
+
+
+def discard_soon(client: Any, checkpoint_id: str) -> Callable[[], bool]:
+    """Send the deletion of `checkpoint_id` now and return the wait for its answer (True when done), so a caller
+    on a hot path can collect it later. Clients without `submit_delete_checkpoint` delete when the wait is called."""
     state = _state(client)
+    if state.off:
+        return lambda: False
+    submit = getattr(client, "submit_delete_checkpoint", None)
+    if submit is None:
+        return lambda: _settle(state, checkpoint_id, lambda: client.delete_checkpoint(checkpoint_id,
+                                                                                     timeout=DELETE_TIMEOUT_S))
+    try:
+        pending = submit(checkpoint_id)
+    except Exception as e:  # noqa: BLE001 - never fail a run over storage
+        return lambda: _settle(state, checkpoint_id, lambda: _raise(e))
+    return lambda: _settle(state, checkpoint_id, lambda: pending.result(DELETE_TIMEOUT_S))
+
+
+def _settle(state: _ClientState, checkpoint_id: str, wait: Callable[[], Any]) -> bool:
     if state.off:
         return False
     try:
-        client.delete_checkpoint(checkpoint_id, timeout=DELETE_TIMEOUT_S)
+        wait()
         return True
     except Exception as e:  # noqa: BLE001 - never fail a run over storage
         state.off = f"{type(e).__name__}: {e}"
         print(f"[retention] could not delete {checkpoint_id} ({state.off[:300]}); old checkpoints and snapshots are "
               "kept for the rest of this run", file=sys.stderr)
         return False
+
+
+def _raise(error: Exception) -> None:
+    raise error

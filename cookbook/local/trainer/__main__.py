@@ -33,6 +33,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parent-pid", type=int)
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--delta-encoding", choices=("copy", "diff"), default=os.environ.get("COOKBOOK_DELTA_ENCODING", "copy"),
+                   help="how delta sampler snapshots store changed tensors: copy (as they are; the deployment reads "
+                        "them on this machine) or diff (compact, for bytes that travel); default "
+                        "$COOKBOOK_DELTA_ENCODING or copy")
     return p.parse_args(argv)
 
 
@@ -74,7 +78,7 @@ def main(argv=None) -> int:
 
     if not models.is_embedded(args.base_model) and not Path(models.resolve(args.base_model)).exists():
         logging.info("base model %s is not embedded or a local path; trying the Hugging Face hub", args.base_model)
-    store = Store(args.store, args.job_id)
+    store = Store(args.store, args.job_id, delta_encoding=args.delta_encoding)
     store.root.mkdir(parents=True, exist_ok=True)
     svc = TrainerService(store=store, api_key=api_key, base_model=args.base_model, seed=args.seed,
                          max_context_length=args.max_context_length, forward_only=args.forward_only)

@@ -3,6 +3,7 @@
 Layout (the control plane and the checkpoint code rely on it):
     <jobs_root>/<job_id>/checkpoints/<name>/   DCP state (model [+ optimizer] + step) and meta.json
     <jobs_root>/<job_id>/sampler/<identity>/   sampler snapshots (cookbook.local.snapshots)
+    <jobs_root>/<job_id>/.sampler-files/<key>/ the config and tokenizer files base snapshots link to
 `cross_job://<other_job>/<name>` resolves to `<jobs_root>/<other_job>/checkpoints/<name>`.
 
 Every save writes into a hidden temp dir and renames it into place, so a crash never leaves a half checkpoint
@@ -11,6 +12,7 @@ that looks complete (`meta.json` is written last inside the temp dir, and list_c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -35,8 +37,9 @@ def check_name(name: object, what: str = "checkpoint name") -> str:
 
 
 class Store:
-    def __init__(self, store_dir: str | os.PathLike, job_id: str):
+    def __init__(self, store_dir: str | os.PathLike, job_id: str, delta_encoding: str = "copy"):
         self.root = Path(store_dir)
+        self.delta_encoding = delta_encoding  # snapshots.write_delta's `encoding`
         self.job_id = job_id
         self.jobs_root = self.root.parent
         self.checkpoints = self.root / "checkpoints"
@@ -145,17 +148,24 @@ class Store:
         if m.is_lora or kind == "merged_base":
             kind = "base"  # LoRA exports merged full weights: always a promotable base, never a delta
         merged = m.merged_model()
-        state = {k: v.detach().clone() for k, v in snapshots.canonical_state(merged).items()}
+        state = {k: v.detach() for k, v in snapshots.canonical_state(merged).items()}  # the live weights
         extra = {"base_model": m.base_model, "step": m.step, "lora_rank": m.lora_rank if m.is_lora else 0}
         if kind == "delta":
             if m.last_snapshot is None:
                 raise UserRequestError("a delta sampler checkpoint needs an earlier base snapshot from this model; "
                                        "save with checkpoint_type='base' first")
             prev_identity, prev_state = m.last_snapshot
-            snapshots.write_delta(target, state, prev_state, prev_identity, identity)
+            snapshots.write_delta(target, state, prev_state, prev_identity, identity, self.delta_encoding)
         else:
-            snapshots.write_base(target, merged, tokenizer, identity, extra=extra)
-        m.last_snapshot = (identity, state)
+            # Config and tokenizer files are the same in every snapshot of this model: written once, then linked.
+            static = self.root / ".sampler-files" / hashlib.sha1(m.base_model.encode()).hexdigest()[:16]
+            snapshots.write_base(target, merged, tokenizer, identity, extra=extra,
+                                 static_dir=snapshots.static_files(merged, tokenizer, static))
+        # What the next delta is computed against. Copied into the last export's buffers: fresh ones would cost page
+        # faults (a clone of local-small takes 4x as long as a copy into memory already mapped).
+        previous = m.last_snapshot[1] if m.last_snapshot else {}
+        m.last_snapshot = None  # until the copy below is whole
+        m.last_snapshot = (identity, snapshots.copy_state(state, into=previous))
         if should_fail("sampler_snapshot"):
             snapshots.damage(target)
         return target
