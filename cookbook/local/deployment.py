@@ -88,8 +88,8 @@ def _extra_field(name: str) -> RequestError:
 class HotLoader:
     """Loads sampler snapshots into this replica; GET reports `replicas[0]` as the Fireworks contract does."""
 
-    def __init__(self, engine: Engine, default_root: str | None, base_model: str, seed: int = 0):
-        self.engine = engine
+    def __init__(self, engine: Engine, batcher: Batcher, default_root: str | None, base_model: str, seed: int = 0):
+        self.engine, self.batcher = engine, batcher
         self.default_root = default_root
         self.base_model, self.seed = base_model, seed
         self.current_identity: str | None = None
@@ -132,10 +132,13 @@ class HotLoader:
                         raise ValueError(f"delta {identity!r} was sent for predecessor {previous!r}, but this "
                                          f"replica holds {self.current_identity!r}")
                 state = {k: v.cpu() for k, v in canonical_state(self.engine.model).items()}
-                new_state = apply_snapshot(directory, state, self.current_identity)  # outside the engine lock
-                with self.engine.lock:  # swap between batches, never mid-decode
+                new_state = apply_snapshot(directory, state, self.current_identity)  # while decoding goes on
+
+                def swap() -> None:  # on the decode thread, between sequences: none ever sees both weights
                     load_state_into(self.engine.model, new_state)
                     self.current_identity = identity
+
+                self.batcher.swap(swap)
                 self.stage = "done"
             except Exception as e:  # reported as stage "error" for this target; the SDK then fails the sync
                 self.stage, self.message = "error", f"{type(e).__name__}: {e}"
@@ -150,9 +153,12 @@ class HotLoader:
 
         with self._lock:
             fresh = canonical_state(load_model(self.base_model, seed=self.seed))
-            with self.engine.lock:
+
+            def swap() -> None:
                 load_state_into(self.engine.model, fresh)
                 self.current_identity = None
+
+            self.batcher.swap(swap)
             self.stage, self.target, self.message = "idle", None, ""
 
 
@@ -419,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--parent-pid", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-batch", type=int, default=64, help="sequences decoded at once (KV-cache slots)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv if argv is not None else spare_argv(warm_imports))
     api_key = args.api_key or os.environ.get("COOKBOOK_PLATFORM_KEY")
@@ -437,9 +443,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = load_model(args.base_model, seed=args.seed).to(device).eval()
-    engine = Engine(model, load_tokenizer(args.base_model), device)
-    app = build_app(engine, Batcher(engine, args.max_batch),
-                    HotLoader(engine, args.snapshot_root, args.base_model, args.seed), api_key, args.base_model)
+    engine = Engine(model, load_tokenizer(args.base_model), device, slots=args.max_batch)
+    batcher = Batcher(engine)
+    app = build_app(engine, batcher, HotLoader(engine, batcher, args.snapshot_root, args.base_model, args.seed),
+                    api_key, args.base_model)
     serve(app, args.port, args.port_file, args.parent_pid)
 
 

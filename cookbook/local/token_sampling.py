@@ -52,12 +52,15 @@ def pick_tokens(logits: torch.Tensor, temperatures: Sequence[float] | torch.Tens
         kth = scaled.sort(-1, descending=True).values.gather(1, (ks - 1)[:, None])
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs = torch.softmax(scaled, -1)
-    if bool((top_ps < 1).any()):
+    nucleus = top_ps < 1
+    if bool(nucleus.any()):
         sp, idx = probs.sort(-1, descending=True)
         drop = (sp.cumsum(-1) - sp) >= top_ps[:, None]
         sp = sp.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(1, idx, sp)
-        probs = probs / probs.sum(-1, keepdim=True)
+        kept = torch.zeros_like(probs).scatter(1, idx, sp)
+        # Only the rows that asked for it: renormalising changes the last bits, and a row's numbers must not depend
+        # on the other rows it is sampled with.
+        probs = torch.where(nucleus[:, None], kept / kept.sum(-1, keepdim=True), probs)
     u = torch.tensor([r.random() for r in rngs], device=probs.device, dtype=probs.dtype)
     cdf = probs.cumsum(-1)
     tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp(max=probs.shape[-1] - 1)[:, 0]
