@@ -9,20 +9,21 @@ by the number of rows, and padding changes the length attention reduces over. He
   a prompt gets as many blocks as it needs (padded at the end; causal attention keeps the padding out of the real
   rows). A matrix multiply over 16 * c rows computes each block as it would alone;
 - attention runs per block (decode: 16 slots, one query each) or per prompt, over a prefix of the cache with a mask.
-  The prefix (`attention_span`: a power of two, at least 64) is the one shape that can depend on other sequences;
+  The prefix (`attention_span`: whole blocks, at least 64) is the one shape that can depend on other sequences;
   torch's CPU attention kernel adds masked keys as exact zeros, so a row's result does not depend on how many masked
   keys follow its own.
 
 Both kernel properties are checked in tests/test_sampling_engine.py (a request's tokens and logprobs alone and among
 others, bit for bit), so a torch upgrade that broke them would fail there.
 
-The layers are the model's own modules (norms, projections, rotary embedding, MLP), called in the order of the
-Llama/Qwen family's decoder layer, so the logits are those of the model's own forward up to float rounding.
+The layers are the model's own weights and modules (norms, projections, rotary embedding, MLP activation), applied
+in the order of the Llama/Qwen family's decoder layer, so the logits are those of the model's own forward up to float
+rounding. The query/key/value projections and the MLP's gate/up projections each run as one matrix multiply: their
+weights are laid out one after another in one tensor that the model's parameters are views of.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 
 import torch
@@ -54,21 +55,22 @@ class SlotDecoder:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.context = min(int(config.max_position_embeddings), max_context)
-        self.rotate = importlib.import_module(type(model).__module__).apply_rotary_pos_emb
         param = next(model.parameters())
         self.device = param.device
-        # One more slot than sequences: the scratch slot that dummy rows write to.
-        shape = (slots + 1, self.kv_heads, self.context, self.head_dim)
+        # One more slot than sequences: the scratch slot that dummy rows write to. Whole blocks of positions: a
+        # prompt's padding may run past the context.
+        self.cache_len = -(-self.context // block) * block
+        shape = (slots + 1, self.kv_heads, self.cache_len, self.head_dim)
         self.keys = [torch.zeros(shape, dtype=param.dtype, device=self.device) for _ in model.model.layers]
         self.values = [torch.zeros(shape, dtype=param.dtype, device=self.device) for _ in model.model.layers]
         self.scratch = slots
+        # Fewer, larger matrix multiplies: queries/keys/values in one, the MLP's gate and up in one.
+        self.fused = [(_fused(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj),
+                       _fused(layer.mlp.gate_proj, layer.mlp.up_proj)) for layer in model.model.layers]
 
     def attention_span(self, length: int) -> int:
-        """How many cache positions attention reads for sequences up to `length` tokens."""
-        span = 64
-        while span < length:
-            span *= 2
-        return min(span, self.context)
+        """How many cache positions attention reads for sequences up to `length` tokens: whole blocks, at least 64."""
+        return min(max(64, -(-length // self.block) * self.block), self.cache_len)
 
     def clear(self, slot: int) -> None:
         """Forget what `slot` held (stale entries are masked out, but must not be inf/NaN: 0 * inf is NaN)."""
@@ -133,30 +135,56 @@ class SlotDecoder:
         hidden = inner.embed_tokens(ids)[None]  # (1, N, hidden): the shape the model's modules expect
         cos, sin = inner.rotary_emb(hidden, positions[None])
         write_slot, write_pos = write_at
-        for layer, k_cache, v_cache in zip(inner.layers, self.keys, self.values):
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        cos, sin = cos[:, :, None], sin[:, :, None]  # (1, N, 1, head_dim): rows by heads, as q and k are laid out
+        for layer, k_cache, v_cache, (qkv, gate_up) in zip(inner.layers, self.keys, self.values, self.fused):
             attn = layer.self_attn
             x = _norm(layer.input_layernorm, hidden)
-            q = attn.q_proj(x).view(1, N, self.heads, self.head_dim)
-            k = attn.k_proj(x).view(1, N, self.kv_heads, self.head_dim)
-            v = attn.v_proj(x).view(1, N, self.kv_heads, self.head_dim)
+            q, k, v = F.linear(x, *qkv).view(1, N, heads + 2 * kv_heads, dim).split([heads, kv_heads, kv_heads], 2)
             if hasattr(attn, "q_norm"):  # Qwen3 normalizes each head's queries and keys
                 q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
-            q, k = self.rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (1, heads, N, head_dim)
-            q, k, v = q[0].transpose(0, 1), k[0].transpose(0, 1), v[0]  # (N, heads, head_dim)
+            q, k, v = _rotate(q, cos, sin)[0], _rotate(k, cos, sin)[0], v[0]  # (N, heads, head_dim)
             k_cache[write_slot, :, write_pos] = k
             v_cache[write_slot, :, write_pos] = v
             outs = []
             for row, slots, per_slot, slot, mask in groups:
-                query = q[row:row + slots * per_slot].view(slots, per_slot, self.heads, self.head_dim).transpose(1, 2)
+                query = q[row:row + slots * per_slot].view(slots, per_slot, heads, dim).transpose(1, 2)
                 span = mask.shape[-1]
                 out = F.scaled_dot_product_attention(
                     query, k_cache[slot:slot + slots, :, :span], v_cache[slot:slot + slots, :, :span], attn_mask=mask,
-                    scale=attn.scaling, enable_gqa=self.kv_heads != self.heads)
-                outs.append(out.transpose(1, 2).reshape(slots * per_slot, self.heads * self.head_dim))
+                    scale=attn.scaling, enable_gqa=kv_heads != heads)
+                outs.append(out.transpose(1, 2).reshape(slots * per_slot, heads * dim))
             out = outs[0] if len(outs) == 1 else torch.cat(outs)
             hidden = hidden + attn.o_proj(out[None])
-            hidden = hidden + layer.mlp(_norm(layer.post_attention_layernorm, hidden))
+            gate, up = F.linear(_norm(layer.post_attention_layernorm, hidden), *gate_up).chunk(2, -1)
+            hidden = hidden + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
         return _norm(inner.norm, hidden)[0]
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, the Llama/Qwen way (`x * cos + rotate_half(x) * sin`)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+
+def _fused(*linears) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) holding the linears' one after another. The linears' parameters become views of it, so
+    loading weights into the model (a hot load) updates it too; a model fused before is reused as it is."""
+    weights = [lin.weight for lin in linears]
+    base = weights[0]._base
+    if base is not None and all(w._base is base for w in weights) and base.shape[0] == sum(len(w) for w in weights):
+        biases = [lin.bias for lin in linears]
+        return base, None if biases[0] is None else biases[0]._base
+    weight = torch.cat([w.detach() for w in weights])
+    bias = None if linears[0].bias is None else torch.cat([lin.bias.detach() for lin in linears])
+    at = 0
+    for lin in linears:
+        n = lin.weight.shape[0]
+        lin.weight.data = weight[at:at + n]
+        if bias is not None:
+            lin.bias.data = bias[at:at + n]
+        at += n
+    return weight, bias
 
 
 def _norm(module, x: torch.Tensor) -> torch.Tensor:
