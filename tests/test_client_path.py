@@ -276,3 +276,26 @@ def test_fireworks_launcher_without_key_is_a_user_error(monkeypatch, tmp_path):
     with pytest.raises(UserError, match="infra=local-tiny"):
         with fireworks.launch(run_config(tmp_path), needs_reference=False, needs_deployment=False):
             pass
+
+
+def test_a_compact_delta_syncs_the_same_weights_as_a_base(tmp_path, monkeypatch):
+    """The trainer's compact delta encoding (`diff`, for bytes that travel), end to end: the deployment rebuilds from
+    it exactly the weights a base snapshot of the same step gives it."""
+    monkeypatch.setenv("COOKBOOK_DELTA_ENCODING", "diff")  # the platform's processes inherit it
+    with LocalPlatform(tmp_path) as platform, contextlib.ExitStack() as stack:
+        session = build_session(run_config(tmp_path / "run", deployment_id=DEP), platform.base_url, platform.api_key,
+                                needs_reference=False, needs_deployment=True, stack=stack, log=lambda _: None,
+                                poll_interval_s=0.1, warm_up_after_sync=False)
+        env = dict(platform=platform, dm=session.deploy_mgr)
+        client, syncer = session.policy, session.weight_syncer
+        probe = [40, 41, 42, 43, 44, 45]
+        for step in range(3):
+            _train_step(client, step)
+            syncer.save_and_hotload(f"s{step}")  # a base, then deltas on it
+        delta = platform.jobs_root / session.job_id / "sampler" / syncer.base_identity
+        manifest = json.loads((delta / "snapshot.json").read_text())
+        assert manifest["kind"] == "delta" and manifest["encoding"] == "diff"
+        via_delta = _deployment_lps(env, probe)
+        syncer.save_and_hotload("full", checkpoint_type="base")
+        assert _deployment_lps(env, probe) == via_delta
+        assert max_abs_diff(via_delta, trainer_completion_logprobs(client, PROMPT, probe)) <= 1e-4
