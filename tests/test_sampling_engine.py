@@ -65,6 +65,23 @@ def test_a_sequence_decodes_bit_for_bit_the_same_alone_and_among_others(tiny):
     assert outputs(late) == outputs(alone)
 
 
+def test_samples_of_one_prompt_decode_as_if_each_ran_alone(tiny):
+    """A request's n samples share one prefill (the others get a copy of its cache): each equals its seed alone."""
+    model, tokenizer = tiny
+    prompt = request(37, 1, 7).prompt
+
+    def sample(seed: int, echo: bool = False) -> SeqRequest:
+        return SeqRequest(prompt=list(prompt), max_tokens=30, seed=seed, echo=echo)
+
+    group = [sample(seed, echo=seed == 2) for seed in (1, 2, 3, 4)] + others(5, seed=3)
+    Engine(model, tokenizer).generate(group)
+    for s in group[:4]:
+        alone = sample(s.seed, s.echo)
+        Engine(model, tokenizer).generate([alone])
+        assert outputs(s) == outputs(alone)
+    assert len({tuple(s.tokens) for s in group[:4]}) > 1  # different seeds, different samples
+
+
 def test_logprobs_are_the_models_own_forward(tiny):
     model, tokenizer = tiny
     seqs = [request(31, 24, 3, echo=True), request(5, 30, 4, temperature=0.8), request(120, 10, 5)]

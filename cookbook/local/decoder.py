@@ -78,6 +78,13 @@ class SlotDecoder:
             k[slot].zero_()
             v[slot].zero_()
 
+    def copy_prompt(self, source: int, target: int, length: int) -> None:
+        """Give slot `target` the cache slot `source` holds for a prompt of `length` tokens (with its padding)."""
+        padded = -(-length // self.block) * self.block
+        for k, v in zip(self.keys, self.values):
+            k[target, :, :padded] = k[source, :, :padded]
+            v[target, :, :padded] = v[source, :, :padded]
+
     @torch.inference_mode()
     def run(self, chunks: list[int], tokens: list[int], positions: list[int], prompts: list[Prompt]):
         """One forward over decode rows and prompts. `chunks`: busy chunks (of `block` slots each), with `tokens` and

@@ -119,16 +119,27 @@ class Engine:
         chunks = sorted({slot // block for slot in self._live})
         rows = [self._live.get(slot) for c in chunks for slot in range(c * block, (c + 1) * block)]
         new, self._new = self._new, []
+        # A prompt is prefilled once per step however many new sequences share it (a request's n samples): the
+        # others get a copy of its cache, which is what prefilling it again would write, bit for bit.
+        first: dict[tuple[tuple[int, ...], bool], int] = {}
+        for i, live in enumerate(new):
+            first.setdefault((tuple(live.seq.prompt), live.seq.echo), i)
+        unique = sorted(set(first.values()))
         decoded, prompts = self.decoder.run(
             chunks, [r.seq.tokens[-1] if r else self.pad_id for r in rows],
             [len(r.seq.prompt) + len(r.seq.tokens) - 1 if r else -1 for r in rows],
-            [Prompt(live.slot, live.seq.prompt, live.seq.echo) for live in new])
+            [Prompt(new[i].slot, new[i].seq.prompt, new[i].seq.echo) for i in unique])
+        logits_of = dict(zip(unique, prompts))
         done = []
         for i in range(len(chunks)):  # tokens are picked block by block: the same shapes alone or together
             at = slice(i * block, (i + 1) * block)
             done += self._pick(rows[at], decoded[at])
-        for live, logits in zip(new, prompts):
+        for i, live in enumerate(new):
             s = live.seq
+            source = first[(tuple(s.prompt), s.echo)]
+            logits = logits_of[source]
+            if source != i:
+                self.decoder.copy_prompt(new[source].slot, live.slot, len(s.prompt))
             if s.echo:
                 logp = torch.log_softmax(logits[:-1], -1)
                 targets = torch.tensor(s.prompt[1:], dtype=torch.long, device=logp.device)
