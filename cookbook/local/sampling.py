@@ -254,7 +254,8 @@ class Batcher:
         while True:
             if engine.idle and not waiting:
                 waiting.append(self._q.get())
-                self._gather(waiting)
+                if isinstance(waiting[0], _Request):  # a weight swap goes at once
+                    self._gather(waiting)
             while True:  # everything that has arrived, in order
                 try:
                     waiting.append(self._q.get_nowait())
