@@ -147,6 +147,36 @@ def test_a_failing_delete_warns_once_and_keeps_everything(tmp_path, capsys):
     assert [r["step"] for r in read_index(tmp_path / "run")] == [2, 4, 6, 8, 10, 12]  # nothing recorded as deleted
 
 
+def test_a_deletion_sent_ahead_reports_its_outcome_when_collected(capsys):
+    import concurrent.futures
+
+    from cookbook.runs.retention import discard_soon
+
+    class Answering:  # the trainer's answer arrives later, as the SDK's future
+        def __init__(self):
+            self.sent = {}
+
+        def submit_delete_checkpoint(self, checkpoint_id):
+            self.sent[checkpoint_id] = concurrent.futures.Future()
+            return self.sent[checkpoint_id]
+
+    client = Answering()
+    wait = discard_soon(client, "sampler_weights/s1")
+    assert list(client.sent) == ["sampler_weights/s1"]  # sent at once, answered later
+    client.sent["sampler_weights/s1"].set_result(None)
+    assert wait() is True
+
+    class Refusing:  # a client whose deletion fails as it is sent
+        def submit_delete_checkpoint(self, checkpoint_id):
+            raise RuntimeError("HTTP 404: no such route")
+
+    wait = discard_soon(Refusing(), "sampler_weights/s2")
+    assert capsys.readouterr().err == ""  # nothing said until the answer is collected
+    assert wait() is False
+    err = capsys.readouterr().err
+    assert err.count("[retention]") == 1 and "RuntimeError: HTTP 404: no such route" in err
+
+
 def test_resume_from_a_deleted_name_names_the_kept_ones(tmp_path):
     from cookbook.errors import UserError
 

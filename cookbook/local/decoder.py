@@ -126,10 +126,8 @@ class SlotDecoder:
         logits = self.model.lm_head(hidden[torch.cat(wanted)]).float()
         decode, at, per_prompt = logits[:len(chunks) * b], len(chunks) * b, []
         for prompt, rows in zip(prompts, wanted[1:]):
-            mine = logits[at:at + len(rows)]
-            at += len(rows)
-            last = (len(prompt.tokens) - 1) % b if not prompt.all_logits else len(prompt.tokens) - 1
-            per_prompt.append(mine[:len(prompt.tokens)] if prompt.all_logits else mine[last:last + 1])
+            mine, at, n = logits[at:at + len(rows)], at + len(rows), len(prompt.tokens)
+            per_prompt.append(mine[:n] if prompt.all_logits else mine[(n - 1) % b:][:1])  # the last: in its block
         return decode, per_prompt
 
     def _forward(self, ids, positions, write_at, groups) -> torch.Tensor:

@@ -51,7 +51,8 @@ def discard_soon(client: Any, checkpoint_id: str) -> Callable[[], bool]:
     try:
         pending = submit(checkpoint_id)
     except Exception as e:  # noqa: BLE001 - never fail a run over storage
-        return lambda: _settle(state, checkpoint_id, lambda: _raise(e))
+        error = e  # `e` itself is unbound when the except block ends
+        return lambda: _settle(state, checkpoint_id, lambda: _raise(error))
     return lambda: _settle(state, checkpoint_id, lambda: pending.result(DELETE_TIMEOUT_S))
 
 
