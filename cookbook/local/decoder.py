@@ -92,14 +92,13 @@ class SlotDecoder:
         Returns (float32 logits of the decode rows, and per prompt the logits of its last position, or of every
         position with `all_logits`)."""
         b, dev = self.block, self.device
-        ids, pos, write_slot, write_pos, groups = [], [], [], [], []
+        ids, pos, write_slot, groups = [], [], [], []
         for i, c in enumerate(chunks):
             rows = slice(i * b, (i + 1) * b)
             live = [p >= 0 for p in positions[rows]]
             ids += tokens[rows]
             pos += [max(p, 0) for p in positions[rows]]
             write_slot += [c * b + j if ok else self.scratch for j, ok in enumerate(live)]
-            write_pos += [max(p, 0) for p in positions[rows]]
             query = torch.tensor(pos[rows], device=dev)[:, None]
             span = self.attention_span(int(query.max()) + 1)
             mask = torch.arange(span, device=dev)[None, :] <= query  # (block, span)
@@ -111,12 +110,11 @@ class SlotDecoder:
             ids += prompt.tokens + [prompt.tokens[-1]] * (padded - n)
             pos += list(range(padded))
             write_slot += [prompt.slot] * padded
-            write_pos += list(range(padded))
             query = torch.arange(padded, device=dev)[:, None]
             mask = torch.arange(self.attention_span(padded), device=dev)[None, :] <= query  # causal
             groups.append((start, 1, padded, prompt.slot, mask[None, None]))
         hidden = self._forward(torch.tensor(ids, device=dev), torch.tensor(pos, device=dev),
-                               (torch.tensor(write_slot, device=dev), torch.tensor(write_pos, device=dev)), groups)
+                               torch.tensor(write_slot, device=dev), groups)
         # The head, like every matrix multiply here, on whole blocks: all decode rows, and each prompt's blocks
         # that hold what is asked (its last real position, or all of them).
         wanted = [torch.arange(len(chunks) * b, device=dev)]
@@ -130,16 +128,15 @@ class SlotDecoder:
             per_prompt.append(mine[:n] if prompt.all_logits else mine[(n - 1) % b:][:1])  # the last: in its block
         return decode, per_prompt
 
-    def _forward(self, ids, positions, write_at, groups) -> torch.Tensor:
+    def _forward(self, ids, positions, write_slots, groups) -> torch.Tensor:
         """The decoder stack on flat token rows `ids` (N,) at `positions` (N,); the final norm's output (N, hidden).
-        Keys and values of row r go to slot `write_at[0][r]`, position `write_at[1][r]`. `groups` lists the
+        Keys and values of row r go to slot `write_slots[r]` at position `positions[r]`. `groups` lists the
         attention calls: (first row, slots, queries per slot, first slot, mask), the slots consecutive so that the
         cache is read as a view."""
         inner = self.model.model
         N = ids.shape[0]
         hidden = inner.embed_tokens(ids)[None]  # (1, N, hidden): the shape the model's modules expect
         cos, sin = inner.rotary_emb(hidden, positions[None])
-        write_slot, write_pos = write_at
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         cos, sin = cos[:, :, None], sin[:, :, None]  # (1, N, 1, head_dim): rows by heads, as q and k are laid out
         for layer, k_cache, v_cache, (qkv, gate_up) in zip(inner.layers, self.keys, self.values, self.fused):
@@ -149,8 +146,8 @@ class SlotDecoder:
             if hasattr(attn, "q_norm"):  # Qwen3 normalizes each head's queries and keys
                 q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
             q, k, v = _rotate(q, cos, sin)[0], _rotate(k, cos, sin)[0], v[0]  # (N, heads, head_dim)
-            k_cache[write_slot, :, write_pos] = k
-            v_cache[write_slot, :, write_pos] = v
+            k_cache[write_slots, :, positions] = k
+            v_cache[write_slots, :, positions] = v
             outs = []
             for row, slots, per_slot, slot, mask in groups:
                 query = q[row:row + slots * per_slot].view(slots, per_slot, heads, dim).transpose(1, 2)
