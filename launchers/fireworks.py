@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from cookbook.config import RunConfig
 from cookbook.errors import UserError
@@ -45,11 +45,13 @@ def credentials(cfg: RunConfig) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def launch(cfg: RunConfig, *, needs_reference: bool, needs_deployment: bool,
-           log: Callable[[str], None] = print) -> Iterator[Session]:
+           log: Callable[[str], None] = print, while_starting: Callable[[Any], None] | None = None
+           ) -> Iterator[Session]:
     from cookbook.client.session import build_session
 
     base_url, api_key = credentials(cfg)
     with contextlib.ExitStack() as stack:
         log(f"[launch] Fireworks control plane at {base_url}")
         yield build_session(cfg, base_url, api_key, needs_reference=needs_reference,
-                            needs_deployment=needs_deployment, stack=stack, log=log, poll_interval_s=_poll_interval_s())
+                            needs_deployment=needs_deployment, stack=stack, log=log, poll_interval_s=_poll_interval_s(),
+                            while_starting=while_starting)

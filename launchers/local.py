@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from cookbook.config import RunConfig
 
@@ -40,11 +40,12 @@ def torch_threads(cfg: RunConfig) -> int:
 
 @contextlib.contextmanager
 def launch(cfg: RunConfig, *, needs_reference: bool, needs_deployment: bool,
-           log: Callable[[str], None] = print) -> Iterator[Session]:
+           log: Callable[[str], None] = print, while_starting: Callable[[Any], None] | None = None
+           ) -> Iterator[Session]:
     from cookbook.local.storage import clean_earlier_jobs, record_run
 
     with _platform_session(cfg, needs_reference=needs_reference, needs_deployment=needs_deployment,
-                           log=log) as session:
+                           log=log, while_starting=while_starting) as session:
         storage, log_path = Path(session.platform_root), Path(cfg.log_path or "runs/local")
         for leftover in clean_earlier_jobs(storage, log_path):
             log(f"[launch] removed {leftover}, left by an unfinished save of an earlier attempt")
@@ -54,7 +55,8 @@ def launch(cfg: RunConfig, *, needs_reference: bool, needs_deployment: bool,
 
 @contextlib.contextmanager
 def _platform_session(cfg: RunConfig, *, needs_reference: bool, needs_deployment: bool,
-                      log: Callable[[str], None]) -> Iterator[Session]:
+                      log: Callable[[str], None], while_starting: Callable[[Any], None] | None
+                      ) -> Iterator[Session]:
     from cookbook.local.platform import LocalPlatform
     from cookbook.runs.rundir import storage_root
 
@@ -73,4 +75,5 @@ def _platform_session(cfg: RunConfig, *, needs_reference: bool, needs_deployment
         yield build_session(cfg, platform.base_url, platform.api_key, needs_reference=needs_reference,
                             needs_deployment=needs_deployment, stack=stack, log=log,
                             poll_interval_s=LOCAL_POLL_INTERVAL_S, platform_root=str(platform.storage),
-                            logs_dir=str(platform.root / "logs"), warm_up_after_sync=False)
+                            logs_dir=str(platform.root / "logs"), warm_up_after_sync=False,
+                            while_starting=while_starting)

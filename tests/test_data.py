@@ -118,6 +118,45 @@ def test_template_without_generation_tags_gives_the_same_mask(tok):
     assert datum_tokens(a) == datum_tokens(b) and datum_weights_list(a) == datum_weights_list(b)
 
 
+@pytest.mark.parametrize("template", ["generation tags", "plain"])
+@pytest.mark.parametrize("mode", ["all_assistant_messages", "last_assistant_message"])
+def test_a_dataset_renders_in_batches_exactly_as_row_by_row(tok, tmp_path, monkeypatch, template, mode):
+    """load_dataset renders SFT rows many per template call; every item and skip must be what rendering each row
+    alone gives, across chunk boundaries and with either kind of template."""
+    tokenizer = build_tokenizer()
+    if template == "plain":  # no {% generation %} tags: the prefix-difference fallback, per conversation
+        tokenizer.chat_template = tok.chat_template.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    off = [dict(m) for m in CONV]
+    off[2]["weight"], off[4]["trainable"] = 0, False
+    rows = [{"messages": CONV}, {"messages": CONV[:3]}, {"messages": off},
+            {"messages": [{"role": "user", "content": "9" * 80}, {"role": "assistant", "content": "2"}]},
+            {"messages": [dict(m, weight=1) if m["role"] == "assistant" else m for m in CONV]}] * 3
+    path = write_jsonl(tmp_path / "mix.jsonl", rows)
+    monkeypatch.setattr("cookbook.datasets.load.RENDER_CHUNK_ROWS", 4)  # chunks of 4, 4, 4, 3 rows
+    ds = load_dataset(str(path), "sft", tokenizer, max_seq_len=80, train_on_what=mode)
+    alone = [render_sft_with_reason(row, tokenizer, 80, mode) for row in rows]
+    assert [reason for _, reason in alone].count(None) == 9  # a mix: 3 rows too long, 3 with nothing to train
+    assert ds.valid == [item is not None for item, _ in alone]
+    for got, (want, _) in zip(ds.items, alone):
+        if want is not None:
+            assert datum_tokens(got) == datum_tokens(want)
+            assert datum_weights_list(got) == datum_weights_list(want)
+    assert ds.skipped == {"too_long": 3, "nothing_to_train": 3}
+
+
+def test_a_template_error_in_a_batch_names_its_row(tok, tmp_path):
+    """A template that renders earlier turns differently once later turns are added (here: it prints the message
+    count first) cannot locate assistant tokens in a conversation with two assistant turns; the error names that row
+    (line 2, after a row that renders fine), as row-by-row rendering did."""
+    tokenizer = build_tokenizer()
+    plain = tok.chat_template.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    tokenizer.chat_template = "{{ messages | length }}" + plain
+    single = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]
+    path = write_jsonl(tmp_path / "odd.jsonl", [{"messages": single}, {"messages": CONV}, {"messages": CONV}])
+    with pytest.raises(DataError, match=rf"^{path}:2: The tokenizer's chat template renders earlier turns"):
+        load_dataset(str(path), "sft", tokenizer, max_seq_len=512)
+
+
 def test_over_length_rows_skipped_and_counted(tok, tmp_path):
     short = {"messages": [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]}
     long = {"messages": [{"role": "user", "content": "9" * 80}, {"role": "assistant", "content": "2"}]}

@@ -14,6 +14,7 @@ import pytest
 
 from cookbook.client.session import build_session
 from cookbook.config import GRPOConfig, RunConfig, SFTConfig
+from cookbook.errors import DataError
 from cookbook.local.platform import LocalPlatform
 from cookbook.local.storage import hold_store, store_is_live
 from cookbook.runs.sweep import share_cores
@@ -66,6 +67,42 @@ def test_the_job_starts_in_the_spare_and_the_unused_spare_stops_with_the_platfor
         assert not (root / "logs" / "trainer-spare-0.log").exists()
         assert (root / "logs" / "deployment-spare-1.log").exists()  # still waiting for a deployment
     wait_for(lambda: not platform_pids(root), 30, "every process of the platform to stop")
+
+
+def test_the_driver_does_its_own_start_up_work_once_the_trainer_job_exists(tmp_path, monkeypatch):
+    """`while_starting` (a run renders its data there) runs after the trainer job is created, so it overlaps the
+    trainer's start, with the tokenizer the session then carries; an error it raises ends the launch and the job."""
+    from fireworks.training.sdk import TrainerJobManager
+
+    root = tmp_path / "platform"
+    monkeypatch.setattr("cookbook.client.session.new_job_id", lambda prefix: f"{prefix}-overlap")
+    seen = []
+
+    def while_starting(tokenizer):
+        manager = TrainerJobManager(api_key=platform.api_key, base_url=platform.base_url)
+        try:
+            seen.append((tokenizer, manager.get("cookbook-overlap")["state"]))  # raises if there is no such job
+        finally:
+            manager.close()
+
+    with LocalPlatform(root, spares=["trainer"]) as platform, contextlib.ExitStack() as stack:
+        session = build_session(run_config(tmp_path / "run"), platform.base_url, platform.api_key,
+                                needs_reference=False, needs_deployment=False, stack=stack, log=lambda m: None,
+                                poll_interval_s=0.05, while_starting=while_starting)
+        [(tokenizer, state)] = seen
+        assert session.job_id == "cookbook-overlap" and tokenizer is session.tokenizer
+        assert state in ("JOB_STATE_CREATING", "JOB_STATE_PENDING", "JOB_STATE_RUNNING"), state
+
+    def bad_data(tokenizer):
+        raise DataError("rows.jsonl:3: bad row")
+
+    with LocalPlatform(root, spares=["trainer"]) as platform:
+        with contextlib.ExitStack() as stack, pytest.raises(DataError, match="rows.jsonl:3"):
+            build_session(run_config(tmp_path / "run"), platform.base_url, platform.api_key, needs_reference=False,
+                          needs_deployment=False, stack=stack, log=lambda m: None, poll_interval_s=0.05,
+                          while_starting=bad_data)
+        # The launch's teardown deleted the job it had created: only the control plane is left.
+        wait_for(lambda: platform_pids(root) == {platform.proc.pid}, 30, "the trainer job's process to stop")
 
 
 def test_a_dead_spare_is_replaced_by_a_fresh_trainer(tmp_path):

@@ -181,10 +181,12 @@ def _deployment_shape(cfg: RunConfig, profile: "TrainingShapeProfile") -> str | 
 def build_session(cfg: RunConfig, base_url: str, api_key: str, *, needs_reference: bool, needs_deployment: bool,
                   stack: contextlib.ExitStack, log: Callable[[str], None] = print, poll_interval_s: float = 5.0,
                   platform_root: str | None = None, logs_dir: str | None = None,
-                  warm_up_after_sync: bool = True) -> Session:
+                  warm_up_after_sync: bool = True, while_starting: Callable[[Any], None] | None = None) -> Session:
     """Create the run's trainer job(s), clients, deployment and syncer; register their teardown on `stack`.
     `warm_up_after_sync=False` drops the SDK's completion after each hot load: for a deployment that answers the
-    hot load only once it serves the new weights (the embedded one), it only costs time."""
+    hot load only once it serves the new weights (the embedded one), it only costs time. `while_starting(tokenizer)`
+    is the driver's own start-up work (rendering the run's data), done once the trainers and the deployment are
+    created and before waiting for them, so it overlaps their start."""
     from fireworks.training.sdk import (
         DeploymentManager,
         DeploymentSampler,
@@ -239,6 +241,10 @@ def build_session(cfg: RunConfig, base_url: str, api_key: str, *, needs_referenc
                                                    deploy.hot_load_trainer_job or job_name, stack, log,
                                                    poll_interval_s)
 
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    if while_starting is not None:
+        while_starting(tokenizer)
+
     # 3. Wait: placement (PENDING, waiting for capacity) and readiness after placement have separate budgets.
     def wait_job(jid: str) -> Any:
         log(f"[launch] waiting for trainer job {jid} (placement up to {infra.trainer_pending_timeout_s:.0f}s, "
@@ -264,7 +270,6 @@ def build_session(cfg: RunConfig, base_url: str, api_key: str, *, needs_referenc
     if reference is not None:
         stack.callback(reference.close)
 
-    tokenizer = load_tokenizer(cfg.tokenizer)
     sampler = syncer = None
     if deploy_mgr is not None:
         log(f"[launch] waiting for deployment {deployment_id}")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from cookbook.datasets.preferences import SkipRow, normalize_preference_row, render_pair_with_reason
-from cookbook.datasets.render import TOO_LONG, datum_stats, render_prompt, render_sft_with_reason
+from cookbook.datasets.render import TOO_LONG, assistant_spans_many, datum_stats, render_prompt, render_sft_with_reason
 from cookbook.datasets.rows import strip_trailing_assistant, validate_chat_row
 from cookbook.errors import DataError
 
@@ -33,6 +33,9 @@ class DatasetKind:
     render_row: Callable[[dict, str, RenderSettings], tuple[Any, Optional[str]]]  # (item, None) | (None, reason)
     count_tokens: Callable[[Any], tuple[int, int]]  # item → (tokens, loss tokens)
     usable_row_needs: str  # ends "… and contain <this>." in the error when every row was skipped
+    # Many rows at once, the same results as `render_row` on each, faster (optional). A DataError from it sends the
+    # rows back through `render_row` one by one, so that the error names its row.
+    render_rows: Optional[Callable[[list[dict], RenderSettings], list[tuple[Any, Optional[str]]]]] = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -48,6 +51,12 @@ def _check_sft_row(row: dict, where: str) -> None:
 
 def _render_sft_row(row: dict, where: str, settings: RenderSettings):
     return render_sft_with_reason(row, settings.tokenizer, settings.max_seq_len, settings.train_on_what)
+
+
+def _render_sft_rows(rows: list[dict], settings: RenderSettings):
+    rendered = assistant_spans_many([row["messages"] for row in rows], settings.tokenizer)
+    return [render_sft_with_reason(row, settings.tokenizer, settings.max_seq_len, settings.train_on_what, spans)
+            for row, spans in zip(rows, rendered)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,7 +106,8 @@ def _count_pair_tokens(pair) -> tuple[int, int]:
 
 
 KINDS: dict[str, DatasetKind] = {
-    "sft": DatasetKind(_check_sft_row, _render_sft_row, datum_stats, "assistant messages to train on"),
+    "sft": DatasetKind(_check_sft_row, _render_sft_row, datum_stats, "assistant messages to train on",
+                       _render_sft_rows),
     "grpo": DatasetKind(_check_grpo_row, _render_grpo_row, _count_prompt_tokens, "a prompt"),
     "preference": DatasetKind(_check_preference_row, _render_preference_row, _count_pair_tokens,
                               "chosen and rejected responses that differ"),

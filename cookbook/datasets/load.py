@@ -15,6 +15,8 @@ from cookbook.datasets.kinds import RenderSettings, dataset_kind
 from cookbook.datasets.rows import read_numbered_rows, resolve_dataset, row_location
 from cookbook.errors import DataError
 
+RENDER_CHUNK_ROWS = 1024  # rows rendered per batched template call (bounds the memory of one call)
+
 
 @dataclass
 class Dataset:
@@ -69,6 +71,24 @@ def _no_trainable(path: Path, n: int, skipped: Counter, what: str) -> DataError:
                      f"recipe.max_seq_len (or raise it) and contain {what}.")
 
 
+def _render_chunk(rendering, chunk: list[tuple[int, dict]], path: Path, settings: RenderSettings) -> list:
+    if rendering.render_rows is not None:
+        try:
+            return rendering.render_rows([row for _, row in chunk], settings)
+        except DataError:
+            pass  # rendered again row by row, so that the error names its row
+    out = []
+    for lineno, row in chunk:
+        where = row_location(path, lineno)
+        try:
+            out.append(rendering.render_row(row, where, settings))
+        except DataError as e:
+            # Every rendering error names a row: checks already give file:line, template problems get it here.
+            msg = str(e)
+            raise DataError(msg if msg.startswith(str(path)) else f"{where}: {msg}") from None
+    return out
+
+
 def load_dataset(spec: str | Path, kind: str, tokenizer, max_seq_len: Optional[int] = None, *,
                  train_on_what: str = "all_assistant_messages", max_completion_tokens: int = 0,
                  max_rows: Optional[int] = None) -> Dataset:
@@ -85,20 +105,14 @@ def load_dataset(spec: str | Path, kind: str, tokenizer, max_seq_len: Optional[i
     items: list[Any] = []
     skipped: Counter = Counter()
     n_tok = n_loss = 0
-    for lineno, row in raw:
-        where = row_location(path, lineno)
-        try:
-            item, reason = rendering.render_row(row, where, settings)
-        except DataError as e:
-            # Every rendering error names a row: checks already give file:line, template problems get it here.
-            msg = str(e)
-            raise DataError(msg if msg.startswith(str(path)) else f"{where}: {msg}") from None
-        if item is not None:
-            tokens, loss_tokens = rendering.count_tokens(item)
-            n_tok, n_loss = n_tok + tokens, n_loss + loss_tokens
-        if reason:
-            skipped[reason] += 1
-        items.append(item)
+    for start in range(0, len(raw), RENDER_CHUNK_ROWS):
+        for item, reason in _render_chunk(rendering, raw[start:start + RENDER_CHUNK_ROWS], path, settings):
+            if item is not None:
+                tokens, loss_tokens = rendering.count_tokens(item)
+                n_tok, n_loss = n_tok + tokens, n_loss + loss_tokens
+            if reason:
+                skipped[reason] += 1
+            items.append(item)
     if not any(it is not None for it in items):
         raise _no_trainable(path, len(raw), skipped, rendering.usable_row_needs)
     return Dataset(path=path, kind=kind, rows=[r for _, r in raw], items=items, lines=[n for n, _ in raw],

@@ -79,9 +79,22 @@ def assistant_spans(messages: list[dict], tokenizer) -> tuple[list[int], list[tu
 
     Spans cover the assistant content and its end-of-turn token, as marked by the template's `{% generation %}`.
     """
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    tokens = list(out["input_ids"])
-    amask = list(out.get("assistant_masks") or [])
+    return assistant_spans_many([messages], tokenizer)[0]
+
+
+def assistant_spans_many(conversations: list[list[dict]], tokenizer) -> list[tuple[list[int], list[tuple[int, int, int]]]]:
+    """`assistant_spans` of each conversation, from one batched template call (half the time of a call each: the
+    tokenizer encodes the whole batch at once)."""
+    if not conversations:
+        return []
+    out = tokenizer.apply_chat_template(conversations, tokenize=True, return_dict=True,
+                                        return_assistant_tokens_mask=True)
+    masks = out.get("assistant_masks") or [[] for _ in conversations]
+    return [_spans(messages, list(ids), list(mask), tokenizer)
+            for messages, ids, mask in zip(conversations, out["input_ids"], masks)]
+
+
+def _spans(messages, tokens, amask, tokenizer) -> tuple[list[int], list[tuple[int, int, int]]]:
     asst = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     runs: list[tuple[int, int]] = []
     for t, m in enumerate(amask):
@@ -122,16 +135,17 @@ def _message_trains(msg: dict, default: bool) -> bool:
 
 
 def render_messages(messages: list[dict], tokenizer, train_on_what: str = "all_assistant_messages",
-                    first_trainable_message: int = 0) -> tuple[list[int], list[float]]:
+                    first_trainable_message: int = 0, spans=None) -> tuple[list[int], list[float]]:
     """Tokens and a 0/1 mask over them: 1 on the trained assistant messages (content + end-of-turn token).
 
     Defaults come from `train_on_what`; a message's own `weight` (0/1) or `trainable` (bool) overrides.
     Messages before `first_trainable_message` never train (used for preference pairs' shared prefix).
     The rendering is cut after the last trained token (trailing untrained tokens carry no loss).
+    `spans`: the conversation's `assistant_spans` when already rendered (by `assistant_spans_many`).
     """
     if train_on_what not in TRAIN_ON:
         raise ValueError(f"train_on_what must be one of {TRAIN_ON}, got {train_on_what!r}")
-    tokens, spans = assistant_spans(messages, tokenizer)
+    tokens, spans = spans or assistant_spans(messages, tokenizer)
     mask = [0.0] * len(tokens)
     last = spans[-1][0] if spans else -1
     for i, start, end in spans:
@@ -145,9 +159,10 @@ def render_messages(messages: list[dict], tokenizer, train_on_what: str = "all_a
 
 
 def render_sft_with_reason(row: dict, tokenizer, max_seq_len: Optional[int],
-                           train_on_what: str = "all_assistant_messages"):
-    """(datum, None), or (None, skip reason) when the row is over `max_seq_len` tokens or trains on nothing."""
-    tokens, mask = render_messages(row["messages"], tokenizer, train_on_what)
+                           train_on_what: str = "all_assistant_messages", spans=None):
+    """(datum, None), or (None, skip reason) when the row is over `max_seq_len` tokens or trains on nothing.
+    `spans`: as for `render_messages`."""
+    tokens, mask = render_messages(row["messages"], tokenizer, train_on_what, spans=spans)
     reason = skip_reason(tokens, mask, max_seq_len)
     return (None, reason) if reason else (make_datum(tokens, mask), None)
 

@@ -15,17 +15,21 @@ from tqdm import tqdm
 from cookbook.client.session import Session
 from cookbook.config import DPOConfig, RunConfig
 from cookbook.datasets.cursor import DataCursor
-from cookbook.datasets.load import load_dataset
+from cookbook.datasets.load import Dataset, load_dataset
 from cookbook.recipes.evals import pair_logprobs, preference_eval
 from cookbook.recipes.loop import TrainingLoop
 from cookbook.recipes.losses import dpo_loss_fn
 from cookbook.runs.metrics import MetricsLogger
 
 
-def train(run: RunConfig, session: Session, logger: MetricsLogger) -> dict[str, Any]:
+def load_data(run: RunConfig, tokenizer: Any) -> Dataset:
+    """The training pairs, rendered (the runner calls this while the trainers start)."""
+    return load_dataset(run.recipe.dataset, "preference", tokenizer, run.recipe.max_seq_len or run.infra.max_context_length)
+
+
+def train(run: RunConfig, session: Session, logger: MetricsLogger, data: Dataset) -> dict[str, Any]:
     cfg: DPOConfig = run.recipe
     max_len = cfg.max_seq_len or run.infra.max_context_length
-    data = load_dataset(cfg.dataset, "preference", session.tokenizer, max_len)
     tqdm.write(f"[dpo] {data.summary()}")
     usable = [i for i, pair in enumerate(data.items) if pair is not None]
     held_out = None

@@ -22,7 +22,7 @@ from typing import Any
 from cookbook.client.session import Session
 from cookbook.config import GRPOConfig, RunConfig
 from cookbook.datasets.cursor import DataCursor
-from cookbook.datasets.load import load_dataset
+from cookbook.datasets.load import Dataset, load_dataset
 from cookbook.datasets.render import align_to_targets, policy_datum, stop_token_ids
 from cookbook.recipes.evals import exact_match_eval
 from cookbook.recipes.loop import TrainingLoop
@@ -40,12 +40,17 @@ class Rollout:
     sampling_logprobs: list[float]
 
 
-def train(run: RunConfig, session: Session, logger: MetricsLogger) -> dict[str, Any]:
+def load_data(run: RunConfig, tokenizer: Any) -> Dataset:
+    """The training prompts, rendered (the runner calls this while the trainer and the deployment start)."""
+    cfg: GRPOConfig = run.recipe
+    return load_dataset(cfg.dataset, "grpo", tokenizer, cfg.max_seq_len or run.infra.max_context_length,
+                        max_completion_tokens=cfg.max_completion_tokens)
+
+
+def train(run: RunConfig, session: Session, logger: MetricsLogger, data: Dataset) -> dict[str, Any]:
     cfg: GRPOConfig = run.recipe
     tokenizer = session.tokenizer
     reward_fn = load_reward_fn(cfg.reward_fn)
-    max_len = cfg.max_seq_len or run.infra.max_context_length
-    data = load_dataset(cfg.dataset, "grpo", tokenizer, max_len, max_completion_tokens=cfg.max_completion_tokens)
     stops = stop_token_ids(tokenizer)
     evaluate = None
     if cfg.eval_dataset:

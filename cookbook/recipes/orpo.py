@@ -12,17 +12,21 @@ from tqdm import tqdm
 from cookbook.client.session import Session
 from cookbook.config import ORPOConfig, RunConfig
 from cookbook.datasets.cursor import DataCursor
-from cookbook.datasets.load import load_dataset
+from cookbook.datasets.load import Dataset, load_dataset
 from cookbook.recipes.evals import preference_eval
 from cookbook.recipes.loop import TrainingLoop
 from cookbook.recipes.losses import orpo_loss_fn
 from cookbook.runs.metrics import MetricsLogger
 
 
-def train(run: RunConfig, session: Session, logger: MetricsLogger) -> dict[str, Any]:
+def load_data(run: RunConfig, tokenizer: Any) -> Dataset:
+    """The training pairs, rendered (the runner calls this while the trainer starts)."""
+    return load_dataset(run.recipe.dataset, "preference", tokenizer, run.recipe.max_seq_len or run.infra.max_context_length)
+
+
+def train(run: RunConfig, session: Session, logger: MetricsLogger, data: Dataset) -> dict[str, Any]:
     cfg: ORPOConfig = run.recipe
     max_len = cfg.max_seq_len or run.infra.max_context_length
-    data = load_dataset(cfg.dataset, "preference", session.tokenizer, max_len)
     tqdm.write(f"[orpo] {data.summary()}")
     evaluate = None
     if cfg.eval_dataset:

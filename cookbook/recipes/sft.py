@@ -15,17 +15,22 @@ from tqdm import tqdm
 from cookbook.client.session import Session
 from cookbook.config import RunConfig, SFTConfig
 from cookbook.datasets.cursor import DataCursor
-from cookbook.datasets.load import load_dataset
+from cookbook.datasets.load import Dataset, load_dataset
 from cookbook.recipes.evals import exact_match_eval
 from cookbook.recipes.loop import TrainingLoop
 from cookbook.recipes.losses import scale_weights_for_builtin_ce
 from cookbook.runs.metrics import MetricsLogger
 
 
-def train(run: RunConfig, session: Session, logger: MetricsLogger) -> dict[str, Any]:
+def load_data(run: RunConfig, tokenizer: Any) -> Dataset:
+    """The training rows, rendered (the runner calls this while the trainer starts)."""
     cfg: SFTConfig = run.recipe
-    max_len = cfg.max_seq_len or run.infra.max_context_length
-    data = load_dataset(cfg.dataset, "sft", session.tokenizer, max_len, train_on_what=cfg.train_on_what)
+    return load_dataset(cfg.dataset, "sft", tokenizer, cfg.max_seq_len or run.infra.max_context_length,
+                        train_on_what=cfg.train_on_what)
+
+
+def train(run: RunConfig, session: Session, logger: MetricsLogger, data: Dataset) -> dict[str, Any]:
+    cfg: SFTConfig = run.recipe
     tqdm.write(f"[sft] {data.summary()}")
     evaluate = None
     if cfg.eval_dataset and session.sampler is not None:

@@ -84,12 +84,18 @@ def execute(run: RunConfig, recipe: str, logger: MetricsLogger) -> dict[str, Any
     # The launcher provisions the starting model (the base model, or a warm start / model directory); the run's
     # identity for resume checks stays the configured base model.
     provisioned = dataclasses.replace(run, base_model=init.base_model)
+    data = []
+
+    def load_data(tokenizer: Any) -> None:
+        # Imported here, not before launching: the platform starts meanwhile (the recipe imports the SDK).
+        data.append(importlib.import_module(f"cookbook.recipes.{recipe}").load_data(run, tokenizer))
+
     with launcher.launch(provisioned, needs_reference=run.recipe.needs_reference,
-                         needs_deployment=run.recipe.needs_deployment) as session:
+                         needs_deployment=run.recipe.needs_deployment, while_starting=load_data) as session:
         session.init_state_path = init.state_path
-        module = importlib.import_module(f"cookbook.recipes.{recipe}")  # after launch: the platform starts meanwhile
+        module = importlib.import_module(f"cookbook.recipes.{recipe}")
         try:
-            return module.train(run, session, logger)
+            return module.train(run, session, logger, data[0])
         except Exception as exc:
             problem = session.explain_failure()
             if problem is None:
