@@ -299,3 +299,30 @@ def test_a_compact_delta_syncs_the_same_weights_as_a_base(tmp_path, monkeypatch)
         syncer.save_and_hotload("full", checkpoint_type="base")
         assert _deployment_lps(env, probe) == via_delta
         assert max_abs_diff(via_delta, trainer_completion_logprobs(client, PROMPT, probe)) <= 1e-4
+
+
+def test_both_request_dialects_train_the_same(tmp_path, monkeypatch):
+    """A trainer advertises comms v2 (its default: the Fireworks SDK then sends forward/forward_backward through its
+    orjson encoder, float32 tensors of >= 256 values as float32 decimals) or v1 (the SDK's legacy JSON path, what
+    older Fireworks trainers get). Same schema, so the same training: losses and logprobs before and after a step are
+    bit-identical either way."""
+    tokens = [(7 * i) % 200 + 20 for i in range(300)]
+    weights = [1 / 3] * 299  # not exact in a short decimal: v2 writes float32 digits, v1 float64 ones
+
+    def train(comms: str) -> tuple:
+        monkeypatch.setenv("COOKBOOK_TRAINER_COMMS", comms)  # the platform's processes inherit it
+        with LocalPlatform(tmp_path / comms) as platform, contextlib.ExitStack() as stack:
+            session = build_session(run_config(tmp_path / comms / "run"), platform.base_url, platform.api_key,
+                                    needs_reference=False, needs_deployment=False, stack=stack, log=lambda _: None,
+                                    poll_interval_s=0.1)
+            client = session.policy
+            assert client.inner.comms == comms
+            first = client.forward_backward([datum(tokens, weights)], "cross_entropy")
+            client.optim_step(ADAM, grad_accumulation_normalization="num_loss_tokens")
+            after = client.forward([datum(tokens, weights)], "cross_entropy")
+            return (first.metrics["loss:sum"], list(first.loss_fn_outputs[0]["logprobs"].data),
+                    list(after.loss_fn_outputs[0]["logprobs"].data))
+
+    legacy, default = train("v1"), train("v2")
+    assert legacy == default
+    assert legacy[1] != legacy[2]  # the step changed the weights

@@ -37,6 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="how delta sampler snapshots store changed tensors: copy (as they are; the deployment reads "
                         "them on this machine) or diff (compact, for bytes that travel); default "
                         "$COOKBOOK_DELTA_ENCODING or copy")
+    p.add_argument("--comms", choices=("v1", "v2"), default=os.environ.get("COOKBOOK_TRAINER_COMMS", "v2"),
+                   help="the request dialect a model's creation advertises to the Fireworks SDK: v2 (the SDK encodes "
+                        "requests with orjson and validates results faster; the same JSON schema) or v1 (its legacy "
+                        "path); default $COOKBOOK_TRAINER_COMMS or v2")
     return p.parse_args(argv)
 
 
@@ -81,7 +85,8 @@ def main(argv=None) -> int:
     store = Store(args.store, args.job_id, delta_encoding=args.delta_encoding)
     store.root.mkdir(parents=True, exist_ok=True)
     svc = TrainerService(store=store, api_key=api_key, base_model=args.base_model, seed=args.seed,
-                         max_context_length=args.max_context_length, forward_only=args.forward_only)
+                         max_context_length=args.max_context_length, forward_only=args.forward_only,
+                         comms=args.comms)
     app = build_app(svc)
 
     logging.info("serving %s%s (store %s)%s", args.base_model,

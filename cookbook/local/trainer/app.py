@@ -48,8 +48,12 @@ class _Queue:
 
 class TrainerService:
     def __init__(self, *, store: Store, api_key: str, base_model: str, seed: int = 0,
-                 max_context_length: int | None = None, forward_only: bool = False):
+                 max_context_length: int | None = None, forward_only: bool = False, comms: str = "v2"):
         self.store, self.api_key, self.base_model = store, api_key, base_model
+        # What create_model advertises (`comms`): "v2" makes the Fireworks SDK encode forward/forward_backward with
+        # orjson (float32 tensors as float32 decimals) and mark them `"comms": "v2"`; the JSON schema both ways is
+        # the same, so this service reads either. "v1": the field is left out, as older Fireworks trainers do.
+        self.comms = comms
         self.seed, self.max_context_length = seed, max_context_length
         # A FORWARD_ONLY job (a reference trainer): models serve forward and DCP save/load; training is refused.
         self.forward_only = forward_only
@@ -157,7 +161,7 @@ class TrainerService:
         self.models[model_id] = m
         log.info("created model %s (%s, %s)", model_id, base,
                  "frozen reference" if m.base_only else f"LoRA rank {rank}" if m.is_lora else "full-parameter")
-        return {"model_id": model_id, "type": "create_model"}
+        return {"model_id": model_id, "type": "create_model", **({"comms": "v2"} if self.comms == "v2" else {})}
 
     def save_for_sampler(self, m: TrainModel, body: dict, session_seq: object) -> dict:
         path = body.get("path")
