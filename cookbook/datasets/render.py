@@ -82,7 +82,8 @@ def assistant_spans(messages: list[dict], tokenizer) -> tuple[list[int], list[tu
     return assistant_spans_many([messages], tokenizer)[0]
 
 
-def assistant_spans_many(conversations: list[list[dict]], tokenizer) -> list[tuple[list[int], list[tuple[int, int, int]]]]:
+def assistant_spans_many(conversations: list[list[dict]],
+                         tokenizer) -> list[tuple[list[int], list[tuple[int, int, int]]]]:
     """`assistant_spans` of each conversation, from one batched template call (half the time of a call each: the
     tokenizer encodes the whole batch at once)."""
     if not conversations:

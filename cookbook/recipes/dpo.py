@@ -24,7 +24,8 @@ from cookbook.runs.metrics import MetricsLogger
 
 def load_data(run: RunConfig, tokenizer: Any) -> Dataset:
     """The training pairs, rendered (the runner calls this while the trainers start)."""
-    return load_dataset(run.recipe.dataset, "preference", tokenizer, run.recipe.max_seq_len or run.infra.max_context_length)
+    cfg = run.recipe
+    return load_dataset(cfg.dataset, "preference", tokenizer, cfg.max_seq_len or run.infra.max_context_length)
 
 
 def train(run: RunConfig, session: Session, logger: MetricsLogger, data: Dataset) -> dict[str, Any]:

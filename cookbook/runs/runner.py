@@ -95,7 +95,8 @@ def execute(run: RunConfig, recipe: str, logger: MetricsLogger) -> dict[str, Any
         session.init_state_path = init.state_path
         module = importlib.import_module(f"cookbook.recipes.{recipe}")
         try:
-            return module.train(run, session, logger, data[0])
+            # A launcher that did not call while_starting: the data is rendered now.
+            return module.train(run, session, logger, data[0] if data else module.load_data(run, session.tokenizer))
         except Exception as exc:
             problem = session.explain_failure()
             if problem is None:
