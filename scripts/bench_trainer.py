@@ -18,6 +18,11 @@ The trainer is started the way a local run starts it: the embedded platform (`Lo
 gateway. The trainer gets as many torch threads as this process (COOKBOOK_TORCH_THREADS).
 
     python scripts/bench_trainer.py [--reps 5] [--models local-tiny local-small]
+
+With both cores computing, the SFT step's "outside compute" share is mostly the SDK's own CPU work in the driver
+(~20 ms a step at local-tiny) and the gateway's taking cores the step's two torch threads need; with
+`OMP_NUM_THREADS=1 python scripts/bench_trainer.py` a core is left for them and the share is what serialization, HTTP
+and the SDK add to the step's wall time.
 """
 
 from __future__ import annotations
