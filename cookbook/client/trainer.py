@@ -95,6 +95,10 @@ class ReconnectableClient:
     # The trainer runs a model's operations in the order they were sent, so an operation sent before the previous
     # one finished starts the moment it does: `submit_forward_backward` then `submit_optim_step`, then wait for
     # both, saves a round trip per step. Each returns a `Pending` whose `result()` waits like the blocking call.
+    def submit_forward(self, data: list[tinker.Datum], loss_fn: str = "cross_entropy",
+                       loss_fn_config: dict | None = None) -> "Pending":
+        return Pending(self._inner.forward(data, loss_fn, loss_fn_config), self.default_timeout)
+
     def submit_forward_backward(self, data: list[tinker.Datum], loss_fn: str = "cross_entropy",
                                 loss_fn_config: dict | None = None) -> "Pending":
         return Pending(self._inner.forward_backward(data, loss_fn, loss_fn_config), self.default_timeout)

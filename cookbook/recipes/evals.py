@@ -56,16 +56,20 @@ def exact_match_eval(session: Session, spec: str, kind: str, max_rows: int, max_
 
 def pair_logprobs(client: Any, pairs: list[tuple[Any, Any]], batch_pairs: int = 64) -> list[tuple[float, float]]:
     """Per pair (Σ chosen, Σ rejected) response-token logprobs from `forward` (never accumulates gradients)."""
-    from cookbook.recipes.losses import sequence_logprob
-
     out: list[tuple[float, float]] = []
     for start in range(0, len(pairs), batch_pairs):
         datums = [d for pair in pairs[start:start + batch_pairs] for d in pair]
-        result = client.forward(datums, "cross_entropy")
-        sums = [float(sequence_logprob(o["logprobs"].to_torch(), d.loss_fn_inputs["weights"].to_torch()))
-                for d, o in zip(datums, result.loss_fn_outputs)]
-        out += list(zip(sums[0::2], sums[1::2]))
+        out += pair_sums(datums, client.forward(datums, "cross_entropy"))
     return out
+
+
+def pair_sums(datums: list[Any], result: Any) -> list[tuple[float, float]]:
+    """(Σ chosen, Σ rejected) response-token logprobs of pairs laid out [c0, r0, c1, r1, ...], from a forward."""
+    from cookbook.recipes.losses import sequence_logprob
+
+    sums = [float(sequence_logprob(o["logprobs"].to_torch(), d.loss_fn_inputs["weights"].to_torch()))
+            for d, o in zip(datums, result.loss_fn_outputs)]
+    return list(zip(sums[0::2], sums[1::2]))
 
 
 def mean_logprobs(client: Any, pairs: list[tuple[Any, Any]], batch_pairs: int = 64) -> list[tuple[float, float]]:
