@@ -103,7 +103,8 @@ def ensure_warmstart(base_model: str, task: str) -> Path:
     cmd = [sys.executable, "-m", "cookbook.train", "+recipe=sft", f"base_model={base_model}", "seed=0",
            f"log_path={work / 'run'}", f"recipe.output_model_id=warmstart-{os.getpid()}", *WARMSTART_TASKS[task]]
     # One torch thread whatever the machine or the caller's setting: thread counts change float sums in the last
-    # bits, and over a few hundred steps that is a different model; the artifact must be the same everywhere.
+    # bits, and over a few hundred steps that is a different model. (Another machine's BLAS can still differ in the
+    # last bits, so the artifact is the same on one machine, not necessarily on every machine: README.)
     env = {**os.environ, "COOKBOOK_TORCH_THREADS": "1"}
     result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     if result.returncode != 0:
