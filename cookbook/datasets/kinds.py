@@ -55,8 +55,8 @@ def _render_sft_row(row: dict, where: str, settings: RenderSettings):
 
 def _render_sft_rows(rows: list[dict], settings: RenderSettings):
     rendered = assistant_spans_many([row["messages"] for row in rows], settings.tokenizer)
-    return [render_sft_with_reason(row, settings.tokenizer, settings.max_seq_len, settings.train_on_what, spans)
-            for row, spans in zip(rows, rendered)]
+    return [render_sft_with_reason(row, settings.tokenizer, settings.max_seq_len, settings.train_on_what, one)
+            for row, one in zip(rows, rendered)]
 
 
 # ----------------------------------------------------------------------------------------------------------------

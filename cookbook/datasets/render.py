@@ -136,17 +136,17 @@ def _message_trains(msg: dict, default: bool) -> bool:
 
 
 def render_messages(messages: list[dict], tokenizer, train_on_what: str = "all_assistant_messages",
-                    first_trainable_message: int = 0, spans=None) -> tuple[list[int], list[float]]:
+                    first_trainable_message: int = 0, rendered=None) -> tuple[list[int], list[float]]:
     """Tokens and a 0/1 mask over them: 1 on the trained assistant messages (content + end-of-turn token).
 
     Defaults come from `train_on_what`; a message's own `weight` (0/1) or `trainable` (bool) overrides.
     Messages before `first_trainable_message` never train (used for preference pairs' shared prefix).
     The rendering is cut after the last trained token (trailing untrained tokens carry no loss).
-    `spans`: the conversation's `assistant_spans` when already rendered (by `assistant_spans_many`).
+    `rendered`: the conversation's `assistant_spans` (tokens, spans) when already computed (`assistant_spans_many`).
     """
     if train_on_what not in TRAIN_ON:
         raise ValueError(f"train_on_what must be one of {TRAIN_ON}, got {train_on_what!r}")
-    tokens, spans = spans or assistant_spans(messages, tokenizer)
+    tokens, spans = rendered or assistant_spans(messages, tokenizer)
     mask = [0.0] * len(tokens)
     last = spans[-1][0] if spans else -1
     for i, start, end in spans:
@@ -160,10 +160,10 @@ def render_messages(messages: list[dict], tokenizer, train_on_what: str = "all_a
 
 
 def render_sft_with_reason(row: dict, tokenizer, max_seq_len: Optional[int],
-                           train_on_what: str = "all_assistant_messages", spans=None):
+                           train_on_what: str = "all_assistant_messages", rendered=None):
     """(datum, None), or (None, skip reason) when the row is over `max_seq_len` tokens or trains on nothing.
-    `spans`: as for `render_messages`."""
-    tokens, mask = render_messages(row["messages"], tokenizer, train_on_what, spans=spans)
+    `rendered`: as for `render_messages`."""
+    tokens, mask = render_messages(row["messages"], tokenizer, train_on_what, rendered=rendered)
     reason = skip_reason(tokens, mask, max_seq_len)
     return (None, reason) if reason else (make_datum(tokens, mask), None)
 
