@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from cookbook.client.session import Session
@@ -57,8 +58,8 @@ def train(run: RunConfig, session: Session, logger: MetricsLogger, data: Dataset
 
         loss_sum = tokens = 0.0
         for datum, output in zip((data.items[i] for i in batch.indices), out.loss_fn_outputs):
-            weights = datum.loss_fn_inputs["weights"].to_torch()
-            loss_sum += float(-(output["logprobs"].to_torch() * weights).sum())
+            weights = datum.loss_fn_inputs["weights"].to_numpy().astype(np.float64)
+            loss_sum -= float(output["logprobs"].to_numpy() @ weights)
             tokens += float(weights.sum())
         loop.record({"train/loss": loss_sum / max(tokens, 1.0), "train/loss_tokens": tokens,
                      "train/tokens_per_s": tokens / max(loop.metrics["perf/fwd_bwd_time"], 1e-9)})
