@@ -376,6 +376,52 @@ def test_preference_dataset_counts_skips(tok, tmp_path):
     assert ds.valid == [True, False, False] and ds.skipped == {"tied_scores": 1, "too_long": 1}
 
 
+@pytest.mark.parametrize("template", ["generation tags", "plain"])
+def test_a_preference_dataset_renders_in_batches_exactly_as_row_by_row(tok, tmp_path, monkeypatch, template):
+    """Preference rows render all their conversations in one template call per chunk; every pair and skip must be
+    what rendering each row alone gives: conversations (with a shared earlier assistant turn), raw text, tied scores,
+    identical sides, too long, across chunk boundaries and with either kind of template."""
+    tokenizer = build_tokenizer()
+    if template == "plain":
+        tokenizer.chat_template = tok.chat_template.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    history = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]
+    rows = [{"chosen": {"messages": PROMPT + [GOOD]}, "rejected": {"messages": PROMPT + [WRONG]}},
+            {"prompt": "3+4=", "chosen": "7", "rejected": "12"},
+            {"chosen": {"text": "3+4=7"}, "rejected": {"text": "3+4=12"}},
+            {"samples": [{"text": "a", "score": 1}, {"text": "b", "score": 1}]},
+            {"chosen": {"messages": history + PROMPT + [GOOD]}, "rejected": {"messages": history + PROMPT + [WRONG]}},
+            {"chosen": {"messages": PROMPT + [GOOD]}, "rejected": {"messages": PROMPT + [GOOD]}},
+            {"prompt": "9" * 100, "chosen": "1", "rejected": "2"}] * 2
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    monkeypatch.setattr("cookbook.datasets.load.RENDER_CHUNK_ROWS", 3)
+    ds = load_dataset(str(path), "preference", tokenizer, max_seq_len=60)
+    alone = []
+    for i, row in enumerate(rows):
+        try:
+            alone.append(render_pair_with_reason(*normalize_preference_row(row, f"row {i}"), tokenizer, 60))
+        except SkipRow as skip:
+            alone.append((None, skip.reason))
+    assert ds.valid == [pair is not None for pair, _ in alone] == [True, True, True, False, True, False, False] * 2
+    for got, (want, _) in zip(ds.items, alone):
+        for got_side, want_side in zip(got or (), want or ()):
+            assert datum_tokens(got_side) == datum_tokens(want_side)
+            assert datum_weights_list(got_side) == datum_weights_list(want_side)
+    assert ds.skipped == {"tied_scores": 2, "identical": 2, "too_long": 2}
+
+
+def test_a_template_error_in_a_preference_batch_names_its_row(tok, tmp_path):
+    """As for SFT: a conversation whose assistant tokens cannot be located fails with the line of its row."""
+    tokenizer = build_tokenizer()
+    plain = tok.chat_template.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    tokenizer.chat_template = "{{ messages | length }}" + plain
+    history = [{"role": "user", "content": "1+1="}, {"role": "assistant", "content": "2"}]
+    rows = [{"prompt": "3+4=", "chosen": "7", "rejected": "12"},
+            {"chosen": {"messages": history + PROMPT + [GOOD]}, "rejected": {"messages": history + PROMPT + [WRONG]}}]
+    path = write_jsonl(tmp_path / "odd.jsonl", rows)
+    with pytest.raises(DataError, match=rf"^{path}:2: The tokenizer's chat template renders earlier turns"):
+        load_dataset(str(path), "preference", tokenizer, max_seq_len=512)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Cursor
 # ----------------------------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from cookbook.datasets.preferences import SkipRow, normalize_preference_row, render_pair_with_reason
+from cookbook.datasets.preferences import (SkipRow, normalize_preference_row, render_pair_with_reason,
+                                          renders_conversations)
 from cookbook.datasets.render import TOO_LONG, assistant_spans_many, datum_stats, render_prompt, render_sft_with_reason
 from cookbook.datasets.rows import strip_trailing_assistant, validate_chat_row
 from cookbook.errors import DataError
@@ -100,6 +101,25 @@ def _render_preference_row(row: dict, where: str, settings: RenderSettings):
     return render_pair_with_reason(chosen, rejected, settings.tokenizer, settings.max_seq_len)
 
 
+def _render_preference_rows(rows: list[dict], settings: RenderSettings):
+    pairs: list = []  # (chosen, rejected), or the reason a row yields no pair
+    for row in rows:
+        try:
+            pairs.append(normalize_preference_row(row, "a preference row"))  # checked already: a DataError is a bug
+        except SkipRow as skip:
+            pairs.append(skip.reason)
+    chat = [pair for pair in pairs if isinstance(pair, tuple) and renders_conversations(*pair)]
+    spans = iter(assistant_spans_many([side for pair in chat for side in pair], settings.tokenizer))
+    out = []
+    for pair in pairs:
+        if isinstance(pair, str):
+            out.append((None, pair))
+            continue
+        rendered = (next(spans), next(spans)) if renders_conversations(*pair) else None
+        out.append(render_pair_with_reason(*pair, settings.tokenizer, settings.max_seq_len, rendered))
+    return out
+
+
 def _count_pair_tokens(pair) -> tuple[int, int]:
     stats = [datum_stats(datum) for datum in pair]
     return sum(tokens for tokens, _ in stats), sum(loss for _, loss in stats)
@@ -110,7 +130,7 @@ KINDS: dict[str, DatasetKind] = {
                        _render_sft_rows),
     "grpo": DatasetKind(_check_grpo_row, _render_grpo_row, _count_prompt_tokens, "a prompt"),
     "preference": DatasetKind(_check_preference_row, _render_preference_row, _count_pair_tokens,
-                              "chosen and rejected responses that differ"),
+                              "chosen and rejected responses that differ", _render_preference_rows),
 }
 
 

@@ -137,16 +137,22 @@ def _render_text_pair(chosen: str, rejected: str, tokenizer):
     return (c, [0.0] * k + [1.0] * (len(c) - k)), (r, [0.0] * k + [1.0] * (len(r) - k))
 
 
-def render_pair_with_reason(chosen: Side, rejected: Side, tokenizer, max_seq_len: Optional[int]):
-    """((chosen datum, rejected datum), None), or (None, skip reason): too long, nothing to train, identical."""
+def renders_conversations(chosen: Side, rejected: Side) -> bool:
+    """Whether `render_pair_with_reason` renders this pair through the chat template (else: text, or identical)."""
+    return not isinstance(chosen, str) and chosen != rejected
+
+
+def render_pair_with_reason(chosen: Side, rejected: Side, tokenizer, max_seq_len: Optional[int], rendered=None):
+    """((chosen datum, rejected datum), None), or (None, skip reason): too long, nothing to train, identical.
+    `rendered`: both conversations' `assistant_spans` when already computed (`assistant_spans_many`)."""
     if chosen == rejected:
         return None, IDENTICAL
     if isinstance(chosen, str):
         sides = _render_text_pair(chosen, rejected, tokenizer)
     else:
         k = _shared_prefix([(m["role"], m["content"]) for m in chosen], [(m["role"], m["content"]) for m in rejected])
-        sides = tuple(render_messages(msgs, tokenizer, "all_assistant_messages", first_trainable_message=k)
-                      for msgs in (chosen, rejected))
+        sides = tuple(render_messages(msgs, tokenizer, "all_assistant_messages", first_trainable_message=k,
+                                      rendered=one) for msgs, one in zip((chosen, rejected), rendered or (None, None)))
     reasons = [skip_reason(tokens, mask, max_seq_len) for tokens, mask in sides]
     for reason in reasons:
         if reason and reason != NOTHING_TO_TRAIN:
