@@ -19,8 +19,8 @@ gateway. The trainer gets as many torch threads as this process (COOKBOOK_TORCH_
 
     python scripts/bench_trainer.py [--reps 5] [--models local-tiny local-small]
 
-With both cores computing, the SFT step's "outside compute" share is mostly the SDK's own CPU work in the driver
-(~20 ms a step at local-tiny) and the gateway's taking cores the step's two torch threads need; with
+With both cores computing, the SFT step's "outside compute" share is mostly the CPU the driver (the SDK's own work),
+the gateway and the trainer's server thread spend a step (printed) taking cores its two torch threads need; with
 `OMP_NUM_THREADS=1 python scripts/bench_trainer.py` a core is left for them and the share is what serialization, HTTP
 and the SDK add to the step's wall time.
 """
@@ -97,6 +97,17 @@ def timed(fn):
     return time.perf_counter() - t
 
 
+def cpu_s(pid: int, tid: int | None = None) -> float:
+    """CPU seconds (user + system) process `pid` has used so far: all its threads, or only thread `tid`."""
+    stat = Path(f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
 def dir_bytes(path: Path, pattern: str) -> int:
     return sum(p.stat().st_size for p in path.glob(pattern))
 
@@ -104,14 +115,16 @@ def dir_bytes(path: Path, pattern: str) -> int:
 @contextlib.contextmanager
 def start_trainer(name: str):
     """The embedded platform and one policy trainer job on `name`'s training shape, both stopped on exit (however it
-    exits). Yields the SDK's training client and the job's store directory."""
+    exits). Yields the SDK's training client, the job's store directory, and the pids of the gateway (the control
+    plane) and the trainer."""
     cfg = RunConfig(infra=InfraConfig(training_shape_id=f"accounts/local/trainingShapes/{name}",
                                       trainer_timeout_s=300), recipe=SFTConfig(), base_model=name)
     with tempfile.TemporaryDirectory() as root, LocalPlatform(root) as platform, contextlib.ExitStack() as stack:
         session = build_session(cfg, platform.base_url, platform.api_key, needs_reference=False,
                                 needs_deployment=False, stack=stack, log=lambda _: None,
                                 poll_interval_s=POLL_INTERVAL_S)
-        yield session.policy.inner, platform.jobs_root / session.job_id
+        [trainer_pid] = child_pids(platform.proc.pid)
+        yield session.policy.inner, platform.jobs_root / session.job_id, (platform.proc.pid, trainer_pid)
 
 
 def bench(name: str, reps: int) -> dict[str, float]:
@@ -119,7 +132,7 @@ def bench(name: str, reps: int) -> dict[str, float]:
     data = [types.Datum(model_input=types.ModelInput.from_ints(s[:-1].tolist()),
                         loss_fn_inputs={"target_tokens": s[1:].tolist()}) for s in seqs]
     model = models.load_model(name, seed=0)
-    with start_trainer(name) as (tc, store):
+    with start_trainer(name) as (tc, store, (gateway_pid, trainer_pid)):
         custom = lambda d, lps: (-sum(lp.sum() for lp in lps), {})  # noqa: E731
         sdk_fb = lambda: tc.forward_backward(data, "cross_entropy").result()  # noqa: E731
         sdk_custom = lambda: tc.forward_backward_custom(data, custom).result()  # noqa: E731
@@ -145,11 +158,16 @@ def bench(name: str, reps: int) -> dict[str, float]:
                 fb.result(), step.result()
 
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), eps=1e-12, foreach=False)
-        t_sft_sdk, t_sft_torch = [], []
+        t_sft_sdk, t_sft_torch, cpu_sdk = [], [], []
         for rep in range(reps + 1):  # the first of each is a warm-up
+            # CPU outside the compute: the driver (the SDK), the gateway, the trainer's server thread (its main
+            # thread: HTTP and JSON; the model runs on a worker thread)
+            before = time.process_time(), cpu_s(gateway_pid), cpu_s(trainer_pid, trainer_pid)
             t_sft_sdk.append(timed(sdk_sft_step) / SFT_STEPS)
+            after = time.process_time(), cpu_s(gateway_pid), cpu_s(trainer_pid, trainer_pid)
+            cpu_sdk.append([(b - a) / SFT_STEPS for a, b in zip(before, after)])
             t_sft_torch.append(timed(lambda: torch_sft_step(model, optimizer, rows)))
-        t_sft_sdk, t_sft_torch = t_sft_sdk[1:], t_sft_torch[1:]
+        t_sft_sdk, t_sft_torch, cpu_sdk = t_sft_sdk[1:], t_sft_torch[1:], cpu_sdk[1:]
         # A fresh optimizer (a weights-only load drops the Adam state), a base, one step at GRPO's learning rate and
         # Adam settings, a delta; then one more step (the update now has Adam history), another delta.
         tc.save_state("fresh").result()
@@ -163,12 +181,14 @@ def bench(name: str, reps: int) -> dict[str, float]:
         base_size = dir_bytes(store / "sampler" / base.snapshot_name, "*.safetensors")
         delta_size, later_size = (dir_bytes(store / "sampler" / d.snapshot_name, "delta.bin") for d in deltas)
     med = statistics.median
+    driver, gateway, server = (med(c[i] for c in cpu_sdk) for i in range(3))
     return {"torch_s": med(t_torch), "sdk_s": med(t_sdk), "custom_s": med(t_custom),
             "throughput_ratio": med(t_torch) / med(t_sdk), "custom_ratio": med(t_custom) / med(t_sdk),
             "delta_ratio": delta_size / base_size, "base_bytes": base_size, "delta_bytes": delta_size,
             "later_delta_ratio": later_size / base_size,
             "sft_sdk_s": med(t_sft_sdk), "sft_torch_s": med(t_sft_torch),
-            "sft_overhead": 1 - med(t_sft_torch) / med(t_sft_sdk)}
+            "sft_overhead": 1 - med(t_sft_torch) / med(t_sft_sdk),
+            "sft_driver_cpu_s": driver, "sft_gateway_cpu_s": gateway, "sft_server_cpu_s": server}
 
 
 def main() -> None:
@@ -189,7 +209,9 @@ def main() -> None:
               f"delta/base size after one step {r['delta_ratio']:.2f} (goal <= 0.5; {r['delta_bytes']} / "
               f"{r['base_bytes']} bytes), after a second {r['later_delta_ratio']:.2f}; "
               f"SFT step SDK {r['sft_sdk_s'] * 1e3:.0f} ms, torch {r['sft_torch_s'] * 1e3:.0f} ms -> outside compute "
-              f"{r['sft_overhead']:.0%} of the step (goal <= 10 % at local-tiny)")
+              f"{r['sft_overhead']:.0%} of the step (goal <= 10 % at local-tiny); CPU a step outside compute: "
+              f"driver (SDK) {r['sft_driver_cpu_s'] * 1e3:.1f} ms, gateway {r['sft_gateway_cpu_s'] * 1e3:.1f} ms, "
+              f"trainer's server thread {r['sft_server_cpu_s'] * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":
