@@ -147,12 +147,12 @@ def render_pair_with_reason(chosen: Side, rejected: Side, tokenizer, max_seq_len
     `rendered`: both conversations' `assistant_spans` when already computed (`assistant_spans_many`)."""
     if chosen == rejected:
         return None, IDENTICAL
-    if isinstance(chosen, str):
-        sides = _render_text_pair(chosen, rejected, tokenizer)
-    else:
+    if renders_conversations(chosen, rejected):
         k = _shared_prefix([(m["role"], m["content"]) for m in chosen], [(m["role"], m["content"]) for m in rejected])
         sides = tuple(render_messages(msgs, tokenizer, "all_assistant_messages", first_trainable_message=k,
                                       rendered=one) for msgs, one in zip((chosen, rejected), rendered or (None, None)))
+    else:
+        sides = _render_text_pair(chosen, rejected, tokenizer)
     reasons = [skip_reason(tokens, mask, max_seq_len) for tokens, mask in sides]
     for reason in reasons:
         if reason and reason != NOTHING_TO_TRAIN:
